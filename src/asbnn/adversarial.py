@@ -1,0 +1,148 @@
+"""Adversarial Sampling (Zhang et al., AAAI 2022, Algorithm 1) as plain functions.
+
+`bayes_loss` is the whole training objective of eq. 3,
+
+    (1 - lambda) * L_p(eps) + lambda * L_adv(eps_adv) + kl_weight * KL,
+
+with eps_adv found by `adversarial_eps`: N sign-gradient steps of size alpha on the noise, which
+is the same as w_adv += alpha * sigma * sign(dL/dw). lambda = 0 is plain VI. Both functions take
+any `Posterior` and a batch, so they drop into a user's own training loop.
+
+BatchNorm policy during the adversarial passes (`bn_policy`):
+- "freeze" (our default): the N search passes and the L_adv pass normalise with batch statistics
+  as usual but do not update the running statistics, so those describe regularly sampled
+  networks only (the ones evaluated at test time).
+- "update" (the authors' code): every pass updates the running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .posterior import Posterior
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+BNPolicy = Literal["freeze", "update"]
+KLConvention = Literal["paper", "authors"]
+
+
+@dataclass(frozen=True)
+class ASConfig:
+    """Adversarial Sampling settings; the defaults are the paper's (N=5, alpha=0.02, lambda=0.8).
+
+    kl_convention "paper" adds the KL unscaled (eq. 3); "authors" multiplies it by (1 - lambda)
+    as the authors' code does, which removes the KL entirely at lambda = 1.
+    """
+
+    steps: int = 5
+    step_size: float = 0.02
+    lam: float = 0.8
+    kl_convention: KLConvention = "paper"
+    bn_policy: BNPolicy = "freeze"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            raise ConfigError(f"as_steps (N) must be an integer, got {self.steps!r}")
+        if self.steps < 0:
+            raise ConfigError(f"as_steps (N) must be >= 0, got {self.steps}")
+        if not self.step_size >= 0:
+            raise ConfigError(f"as_step_size (alpha) must be >= 0, got {self.step_size}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"as_lambda must be in [0, 1], got {self.lam}")
+        if self.kl_convention not in ("paper", "authors"):
+            raise ConfigError(f"kl_convention must be 'paper' or 'authors', got {self.kl_convention!r}")
+        if self.bn_policy not in ("freeze", "update"):
+            raise ConfigError(f"bn_policy must be 'freeze' or 'update', got {self.bn_policy!r}")
+
+
+VI = ASConfig(lam=0.0)
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Normalise with batch statistics but leave every BatchNorm's running statistics untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
+    saved = [m.track_running_stats for m in bns]
+    try:
+        for m in bns:
+            m.track_running_stats = False  # in train mode: batch stats, no running-stat update
+        yield
+    finally:
+        for m, flag in zip(bns, saved):
+            m.track_running_stats = flag
+
+
+def adversarial_eps(
+    posterior: Posterior,
+    x: Tensor,
+    y: Tensor,
+    eps: Tensor,
+    steps: int,
+    step_size: float,
+    *,
+    bn_policy: BNPolicy = "freeze",
+    loss_fn: LossFn = F.cross_entropy,
+) -> Tensor:
+    """Algorithm 1, lines 2-6: `steps` sign-gradient ascent steps on the loss with respect to eps.
+
+    Only the gradient with respect to eps is computed; the returned tensor is detached.
+    """
+    eps = eps.detach()
+    if steps == 0 or step_size == 0:
+        return eps
+    with frozen_bn_stats(posterior.model, enabled=bn_policy == "freeze"):
+        for _ in range(steps):
+            eps.requires_grad_(True)
+            loss = loss_fn(posterior(x, eps), y)
+            (grad,) = torch.autograd.grad(loss, eps)
+            eps = (eps + step_size * grad.sign()).detach()
+    return eps
+
+
+@dataclass
+class LossParts:
+    """The terms of one training step's loss; `logits` are those of the regular sample."""
+
+    total: Tensor
+    pred: Tensor
+    kl: Tensor
+    logits: Tensor
+    adv: Tensor | None = None
+
+
+def bayes_loss(
+    posterior: Posterior,
+    x: Tensor,
+    y: Tensor,
+    *,
+    kl_weight: float,
+    config: ASConfig = VI,
+    loss_fn: LossFn = F.cross_entropy,
+    generator: torch.Generator | None = None,
+) -> LossParts:
+    """The loss of eq. 3 on one batch; `config.lam == 0` is plain VI (no adversarial passes).
+
+    Call `.total.backward()` on the result. Costs N + 2 forward-backward passes with AS, one without.
+    """
+    adv = None
+    if config.lam > 0:
+        eps_adv = adversarial_eps(
+            posterior, x, y, posterior.sample_eps(generator), config.steps, config.step_size,
+            bn_policy=config.bn_policy, loss_fn=loss_fn,
+        )
+        with frozen_bn_stats(posterior.model, enabled=config.bn_policy == "freeze"):
+            adv = loss_fn(posterior(x, eps_adv), y)
+    logits = posterior(x, posterior.sample_eps(generator))
+    pred = loss_fn(logits, y)
+    kl = posterior.kl()
+    kl_scale = kl_weight * ((1 - config.lam) if config.kl_convention == "authors" else 1.0)
+    total = pred + kl_scale * kl if adv is None else (1 - config.lam) * pred + config.lam * adv + kl_scale * kl
+    return LossParts(total=total, pred=pred, kl=kl, logits=logits, adv=adv)

@@ -1,0 +1,137 @@
+"""The `asbnn` command line: train, eval, compare, quickstart, download.
+
+Every error of ours (bad config, missing data, corrupt checkpoint) prints as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import PRESETS, make_config, parse_overrides
+from .errors import AsbnnError
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_config(name: str | None) -> Path | None:
+    """A config path, or the name of one shipped with the package (`table1-cifar10-resnet20-as`)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = PACKAGE_CONFIGS / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml")))
+    raise AsbnnError(f"no config file '{name}' and no shipped config of that name; shipped: {known}")
+
+
+def default_run_dir(cfg) -> Path:
+    return Path("runs") / f"{cfg.dataset}-{cfg.model}-{cfg.method}-s{cfg.seed}"
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_run
+    from .train import train
+
+    overrides = parse_overrides(args.overrides)
+    for key in ("data_root", "device"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    cfg = make_config(resolve_config(args.config), overrides, preset=args.preset)
+    out = Path(args.out) if args.out else default_run_dir(cfg)
+    print(f"training {cfg.model} on {cfg.dataset} ({cfg.method}) into {out}")
+    train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if not args.no_eval:
+        evaluate_run(out, num_samples=cfg.eval_samples, progress=not args.quiet)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_run
+
+    evaluate_run(args.run, num_samples=args.samples, seed=args.seed, ood=args.ood, data_root=args.data_root,
+                 out=args.out, mode=args.mode, save_probs=args.save_probs, device=args.device)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .evaluate import compare_runs
+
+    compare_runs(args.runs, out=args.out)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    from .quickstart import quickstart
+
+    quickstart(out=Path(args.out), data_root=args.data_root, quiet=args.quiet)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from .data import download_dataset
+
+    print(download_dataset(args.dataset, args.data_root))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asbnn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a network (deterministic, VI or VI + AS)")
+    p.add_argument("config", nargs="?", help="YAML config file or shipped config name")
+    p.add_argument("overrides", nargs="*", help="key=value settings that override the config")
+    p.add_argument("--out", help="run folder (default runs/<dataset>-<model>-<method>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="'paper' = the authors' code, traps included")
+    p.add_argument("--data-root", help="data folder (else $ASBNN_DATA, else ~/.cache/asbnn/data)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-eval", action="store_true", help="skip the sampled-model evaluation at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate K sampled models of a run")
+    p.add_argument("run", help="run folder or checkpoint file")
+    p.add_argument("--samples", type=int, default=100, help="number of sampled models K")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled models")
+    p.add_argument("--ood", action="append", default=None, help="out-of-distribution data set (repeatable)")
+    p.add_argument("--data-root")
+    p.add_argument("--out", help="output folder (default RUN/eval)")
+    p.add_argument("--mode", choices=["auto", "batched", "loop"], default="auto")
+    p.add_argument("--save-probs", action="store_true", help="also save per-sample probabilities (npz)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="put several evaluated runs side by side")
+    p.add_argument("runs", nargs="+", help="run folders (evaluated)")
+    p.add_argument("--out", default="runs/compare", help="output folder")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("quickstart", help="VI vs VI + AS on Fashion-MNIST in minutes on a CPU")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--data-root")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("download", help="download an official data set archive (checksum verified)")
+    p.add_argument("dataset", choices=["cifar10", "cifar100"])
+    p.add_argument("--data-root")
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except AsbnnError as err:
+        print(f"asbnn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asbnn: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The training loop: deterministic, plain VI and VI + Adversarial Sampling through one path.
+
+A run lives in one folder: `config.yaml`, `log.jsonl` (one line of metrics per epoch) and
+`checkpoint.pt` (written atomically after every epoch). All randomness of an epoch (shuffling,
+augmentation, weight noise) comes from a generator seeded by (seed, epoch), so a resumed run
+replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adversarial import bayes_loss
+from .checkpoint import append_jsonl, atomic_write_text, load_checkpoint, read_jsonl, save_checkpoint
+from .config import TrainConfig, save_yaml
+from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, load_dataset
+from .errors import CheckpointError, ConfigError
+from .models import create_model
+from .posterior import Posterior
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+EVAL_BATCH = 500
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def make_generator(device: torch.device, *seeds: int) -> torch.Generator:
+    """A generator seeded from several integers (e.g. run seed and epoch), reproducible anywhere."""
+    seed = int(np.random.SeedSequence(list(seeds)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device).manual_seed(seed)
+
+
+def subset(data: ArrayDataset, n: int | None) -> ArrayDataset:
+    """A fixed random subset (the same for every run and seed), so runs stay comparable."""
+    if n is None or n >= len(data.labels):
+        return data
+    idx = np.sort(np.random.default_rng(0).permutation(len(data.labels))[:n])
+    return ArrayDataset(images=data.images[idx], labels=data.labels[idx], classes=data.classes)
+
+
+@dataclass
+class RunData:
+    info: DatasetInfo
+    train: DeviceLoader
+    test: DeviceLoader
+
+
+def build_data(cfg: TrainConfig, device: torch.device) -> RunData:
+    info = dataset_info(cfg.dataset)
+    train = subset(load_dataset(cfg.dataset, "train", cfg.data_root), cfg.train_subset)
+    test = subset(load_dataset(cfg.dataset, "test", cfg.data_root), cfg.test_subset)
+    augment = info.augment if cfg.augment is None else cfg.augment
+    common = dict(mean=info.mean, std=info.std, device=device)
+    return RunData(
+        info=info,
+        train=DeviceLoader(train, cfg.batch_size, train=True, augment=augment, **common),
+        test=DeviceLoader(test, min(EVAL_BATCH, len(test.labels)), train=False, augment=False, **common),
+    )
+
+
+def build_network(cfg: TrainConfig, info: DatasetInfo) -> nn.Module:
+    """The deterministic model, or the posterior over it; seeded so runs are reproducible."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels)
+    if cfg.init_from is not None:
+        model.load_state_dict(load_deterministic_weights(cfg.init_from, cfg.model))
+    if not cfg.bayesian:
+        return model
+    pcfg = cfg.posterior_config()
+    if cfg.init_from is not None:  # Bayesian fine-tune: the pretrained weights become the means
+        pcfg = type(pcfg)(**{**pcfg.__dict__, "mu_init": "module"})
+    return Posterior(model, pcfg)
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    run = Path(run)
+    return run / CHECKPOINT if run.is_dir() else run
+
+
+def load_deterministic_weights(source: str | Path, model_name: str) -> dict[str, Tensor]:
+    state = load_checkpoint(checkpoint_path(source))
+    if state.get("kind") != "deterministic":
+        raise ConfigError(f"init_from must be a deterministic run; {source} holds a {state.get('kind')} run")
+    if state["config"]["model"] != model_name:
+        raise ConfigError(f"init_from holds model {state['config']['model']}, this run trains {model_name}")
+    return state["net"]
+
+
+def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, DatasetInfo]:
+    """Rebuild the trained network of a run folder or checkpoint file, in eval mode."""
+    state = load_checkpoint(checkpoint_path(run), map_location=device)
+    cfg = TrainConfig(**{**state["config"], "init_from": None})
+    info = dataset_info(cfg.dataset)
+    net = build_network(cfg, info).to(device)
+    net.load_state_dict(state["net"])
+    return net.eval(), cfg, info
+
+
+def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in net.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of 0-based `epoch`: a pure function of the epoch, so resume needs no state."""
+    if cfg.schedule == "multistep":
+        return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+    if cfg.schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    return cfg.lr
+
+
+@torch.no_grad()
+def test_accuracy(net: nn.Module, loader: DeviceLoader, eps: Tensor | str | None = None) -> float:
+    """Accuracy on the loader; for a posterior, at the fixed `eps` (a tensor or "mean")."""
+    net.eval()
+    correct = torch.zeros((), device=next(net.parameters()).device)
+    for x, y in loader.batches():
+        logits = net(x) if eps is None else net(x, eps)
+        correct += (logits.argmax(1) == y).sum()
+    return correct.item() / loader.num_samples
+
+
+def train_epoch(
+    net: nn.Module, cfg: TrainConfig, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
+    generator: torch.Generator, kl_weight: float, bar: tqdm,
+) -> dict[str, float]:
+    """One pass over the training set; sums stay on the device (no sync per step)."""
+    net.train()
+    device = generator.device
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+    as_config = cfg.as_config()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    for step, (x, y) in enumerate(loader.batches(generator)):
+        with amp:
+            if cfg.bayesian:
+                parts = bayes_loss(net, x, y, kl_weight=kl_weight, config=as_config, generator=generator)
+                loss, logits = parts.total, parts.logits
+            else:
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+        bar.update(len(y))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train `cfg` into run folder `out`; with `resume`, continue from its last checkpoint."""
+    out = Path(out)
+    ckpt_file = out / CHECKPOINT
+    if ckpt_file.exists() and not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    device = resolve_device(cfg.device)
+    data = build_data(cfg, device)
+    net = build_network(cfg, data.info).to(device)
+    optimizer = make_optimizer(cfg, net)
+    kl_weight = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (100 * data.train.num_samples)
+
+    start = 0
+    if resume and ckpt_file.exists():
+        state = load_checkpoint(ckpt_file, map_location=device)
+        if state["config"] != cfg.to_dict():
+            raise CheckpointError(f"{out} holds a run with a different config; start a new --out")
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        kept = [r for r in read_jsonl(out / LOG) if r["epoch"] <= start]
+        atomic_write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in kept))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+        (out / LOG).unlink(missing_ok=True)
+
+    for epoch in range(start, cfg.epochs):
+        if cfg.reset_optimizer_each_epoch and epoch > start:
+            optimizer = make_optimizer(cfg, net)
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        generator = make_generator(device, cfg.seed, epoch)
+        began = time.perf_counter()
+        with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
+                  disable=not progress, leave=False) as bar:
+            record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            record.update(train_epoch(net, cfg, data.train, optimizer, generator, kl_weight, bar))
+        record["epoch_time"] = time.perf_counter() - began
+        record.update(epoch_metrics(net, cfg, data.test, device, epoch))
+        append_jsonl(out / LOG, record)
+        state = {
+            "kind": "posterior" if cfg.bayesian else "deterministic",
+            "config": cfg.to_dict(), "epoch": epoch + 1,
+            "net": net.state_dict(), "optimizer": optimizer.state_dict(),
+        }
+        save_checkpoint(state, ckpt_file)
+        if progress:
+            tqdm.write(_summary(record))
+    return out
+
+
+def epoch_metrics(net: nn.Module, cfg: TrainConfig, test: DeviceLoader, device: torch.device, epoch: int) -> dict[str, float]:
+    if not cfg.bayesian:
+        return {"test_acc": test_accuracy(net, test)}
+    eps = net.sample_eps(make_generator(device, cfg.seed, epoch, 1))
+    with torch.no_grad():
+        return {
+            "test_acc": test_accuracy(net, test, "mean"),
+            "test_acc_sample": test_accuracy(net, test, eps),
+            "kl": net.kl().item(),
+            "mean_sigma": net.sigma().mean().item(),
+        }
+
+
+def _summary(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch']}"]
+    for key in ("train_loss", "train_acc", "test_acc", "test_acc_sample", "mean_sigma", "epoch_time"):
+        if key in record:
+            parts.append(f"{key} {record[key]:.4g}")
+    return "  ".join(parts)

@@ -1,0 +1,107 @@
+"""Adversarial Sampling: Algorithm 1 step by step, eq. 3, and the BatchNorm policies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asbnn.adversarial import ASConfig, adversarial_eps, bayes_loss, frozen_bn_stats
+from asbnn.data import load_dataset
+from asbnn.errors import ConfigError
+from asbnn.models import create_model
+from asbnn.posterior import Posterior, PosteriorConfig
+
+
+@pytest.fixture(scope="module")
+def batch(shared_data):
+    data = load_dataset("fashion-mnist", "test", shared_data)
+    x = torch.tensor(data.images[:64], dtype=torch.float32).permute(0, 3, 1, 2) / 255
+    return (x - 0.286) / 0.353, torch.tensor(data.labels[:64])
+
+
+@pytest.fixture
+def posterior():
+    torch.manual_seed(0)
+    return Posterior(create_model("lenet5", in_channels=1), PosteriorConfig(init_sigma=0.1)).train()
+
+
+def bn_stats(post):
+    return torch.cat([b.flatten().float() for n, b in post.model.named_buffers() if "running" in n])
+
+
+def test_each_step_moves_eps_by_alpha_and_raises_the_loss(posterior, batch):
+    x, y = batch
+    eps = posterior.sample_eps(torch.Generator().manual_seed(1))
+    losses = []
+    with frozen_bn_stats(posterior.model):
+        for _ in range(5):
+            with torch.no_grad():
+                losses.append(F.cross_entropy(posterior(x, eps), y).item())
+            leaf = eps.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(posterior(x, leaf), y), leaf)
+            new = adversarial_eps(posterior, x, y, eps, steps=1, step_size=0.02)
+            moved = (new - eps).abs()
+            # every element with a gradient moves by exactly alpha, in the gradient's direction;
+            # only weights into dead ReLU units (gradient exactly 0) stay put
+            assert torch.allclose(moved[grad != 0], torch.tensor(0.02), atol=1e-6)
+            assert torch.equal(torch.sign(new - eps)[moved > 1e-3], torch.sign(grad)[moved > 1e-3])
+            assert (grad != 0).float().mean() > 0.5 and torch.all(moved[grad == 0] == 0)
+            eps = new
+        with torch.no_grad():
+            losses.append(F.cross_entropy(posterior(x, eps), y).item())
+    assert all(b >= a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] > losses[0]
+
+
+def test_n_steps_equal_n_single_steps(posterior, batch):
+    x, y = batch
+    eps = posterior.sample_eps(torch.Generator().manual_seed(2))
+    five = adversarial_eps(posterior, x, y, eps, steps=5, step_size=0.02)
+    one_by_one = eps
+    for _ in range(5):
+        one_by_one = adversarial_eps(posterior, x, y, one_by_one, steps=1, step_size=0.02)
+    assert torch.allclose(five, one_by_one)
+
+
+def test_lambda_zero_is_plain_vi(posterior, batch):
+    x, y = batch
+    vi = bayes_loss(posterior, x, y, kl_weight=1e-4, generator=torch.Generator().manual_seed(3))
+    lam0 = bayes_loss(posterior, x, y, kl_weight=1e-4, config=ASConfig(lam=0.0),
+                      generator=torch.Generator().manual_seed(3))
+    eps = posterior.sample_eps(torch.Generator().manual_seed(3))
+    manual = F.cross_entropy(posterior(x, eps), y) + 1e-4 * posterior.kl()
+    assert lam0.adv is None and torch.allclose(vi.total, lam0.total) and torch.allclose(vi.total, manual)
+
+
+def test_loss_is_equation_3_and_gradients_reach_mu_and_rho(posterior, batch):
+    x, y = batch
+    for convention, kl_scale in (("paper", 1.0), ("authors", 0.2)):
+        parts = bayes_loss(posterior, x, y, kl_weight=1e-3, config=ASConfig(kl_convention=convention),
+                           generator=torch.Generator().manual_seed(4))
+        expected = 0.2 * parts.pred + 0.8 * parts.adv + kl_scale * 1e-3 * parts.kl
+        assert torch.allclose(parts.total, expected)
+        assert parts.adv > parts.pred  # the adversarial sample is worse than a regular one
+    posterior.zero_grad()
+    parts.total.backward()
+    assert posterior.mu.grad.abs().sum() > 0 and posterior.rho.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("policy, extra_updates", [("freeze", 0), ("update", 6)])
+def test_batchnorm_policy(posterior, batch, policy, extra_updates):
+    """freeze: only the regular sample's pass moves the running statistics; update: all N + 2 do."""
+    x, y = batch
+    tracked = [m for m in posterior.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    before, count = bn_stats(posterior), tracked.num_batches_tracked.item()
+    bayes_loss(posterior, x, y, kl_weight=0.0, config=ASConfig(bn_policy=policy),
+               generator=torch.Generator().manual_seed(5))
+    assert tracked.num_batches_tracked.item() - count == 1 + extra_updates
+    assert not torch.equal(before, bn_stats(posterior))
+    assert all(m.track_running_stats for m in posterior.model.modules() if hasattr(m, "track_running_stats"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lam": 1.5}, "as_lambda"), ({"lam": -0.1}, "as_lambda"), ({"step_size": -0.01}, "alpha"),
+    ({"steps": -1}, "as_steps"), ({"steps": 2.5}, "integer"), ({"bn_policy": "eval"}, "bn_policy"),
+])
+def test_bad_as_configs(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ASConfig(**kwargs)

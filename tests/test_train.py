@@ -1,0 +1,84 @@
+"""The training loop on real data: it learns, it resumes exactly, and fine-tune starts from the means."""
+
+import json
+
+import pytest
+import torch
+
+import asbnn.train as train_module
+from asbnn.config import make_config
+from asbnn.errors import CheckpointError, ConfigError
+from asbnn.train import load_run, train
+
+
+def small(shared_data, **overrides):
+    values = dict(model="lenet5", dataset="fashion-mnist", data_root=str(shared_data), epochs=2,
+                  train_subset=6000, test_subset=1000, batch_size=100, schedule="cosine", eval_samples=5)
+    return make_config(overrides={**values, **overrides})
+
+
+@pytest.mark.parametrize("method", ["deterministic", "vi", "as"])
+def test_short_training_clearly_beats_chance(shared_data, tmp_path, method):
+    run = train(small(shared_data, method=method), tmp_path / method, progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert log[-1]["test_acc"] > 0.4  # chance is 0.1
+    if method != "deterministic":
+        assert log[-1]["test_acc_sample"] > 0.4
+        assert {"kl", "mean_sigma", "train_loss", "train_acc", "epoch_time"} <= set(log[-1])
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(shared_data, tmp_path, monkeypatch):
+    cfg = small(shared_data, method="as", as_steps=2, epochs=3, train_subset=1500)
+    train(cfg, tmp_path / "whole", progress=False)
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt  # killed right after the second epoch's checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    train(cfg, tmp_path / "killed", resume=True, progress=False)
+
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["net"]
+    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["net"]
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    log = (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]
+
+
+def test_existing_run_needs_resume_and_the_same_config(shared_data, tmp_path):
+    cfg = small(shared_data, method="vi", epochs=1)
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="different config"):
+        train(small(shared_data, method="vi", epochs=1, lr=0.1), tmp_path / "run", resume=True, progress=False)
+
+
+def test_bayesian_fine_tune_starts_from_the_deterministic_weights(shared_data, tmp_path):
+    det = train(small(shared_data, method="deterministic", epochs=1), tmp_path / "det", progress=False)
+    det_net, _, _ = load_run(det)
+    cfg = small(shared_data, method="vi", epochs=1, init_from=str(det))
+    net = train_module.build_network(cfg, train_module.dataset_info("fashion-mnist"))
+    means = net.weights("mean")
+    for name, value in det_net.state_dict().items():
+        if name in means:
+            assert torch.equal(means[name], value), name
+        else:
+            assert torch.equal(net.model.state_dict()[name], value), name
+    train(cfg, tmp_path / "vi", progress=False)
+    with pytest.raises(ConfigError, match="deterministic"):  # only a deterministic run can be the start
+        train(small(shared_data, method="vi", epochs=1, init_from=str(tmp_path / "vi")), tmp_path / "vi2", progress=False)
+
+
+def test_learning_rate_schedules():
+    cfg = make_config(overrides={"epochs": 200})
+    lrs = [train_module.learning_rate(cfg, e) for e in (0, 79, 80, 139, 140, 180, 199)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5, 1e-5])
