@@ -634,3 +634,13 @@ def test_loader_bad_arguments():
         DeviceLoader(data, 8, train=True, augment=False, mean=(0.5,), std=(1.0, 1.0, 1.0))
     with pytest.raises(ConfigError, match="std must be positive"):
         DeviceLoader(data, 8, train=True, augment=False, mean=(0, 0, 0), std=(1.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_loader_batches_have_canonical_nchw_strides(channels):
+    """One-channel batches must not carry channels_last-like strides (a much slower CPU path)."""
+    images = np.zeros((8, 6, 6, channels), dtype=np.uint8)
+    data = ArrayDataset(images=images, labels=np.zeros(8, dtype=np.int64), classes=["a"])
+    loader = DeviceLoader(data, 4, train=True, mean=(0.5,) * channels, std=(0.5,) * channels, augment=False)
+    x, _ = next(loader.batches(torch.Generator().manual_seed(0)))
+    assert x.stride() == torch.empty(x.shape).stride()

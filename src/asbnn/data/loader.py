@@ -45,7 +45,10 @@ class DeviceLoader:
         self.augment, self.crop_padding = augment and train, crop_padding
         # np.require copies read-only arrays, which torch.from_numpy would warn about.
         host = torch.from_numpy(np.require(images, requirements=["C", "W"]))
-        self.images = host.to(self.device).permute(0, 3, 1, 2).contiguous()
+        # Copy into canonical NCHW strides: for one channel, permute().contiguous() keeps strides that
+        # also read as channels_last, which sends conv and BatchNorm down a ~2x slower CPU path.
+        nchw = host.permute(0, 3, 1, 2)
+        self.images = torch.empty(nchw.shape, dtype=torch.uint8, device=self.device).copy_(nchw)
         self.labels = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         # (x / 255 - mean) / std folded into one multiply-add.
         self._scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1).to(self.device)
