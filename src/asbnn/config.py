@@ -24,7 +24,9 @@ from typing import Any, Literal
 import yaml
 
 from .adversarial import ASConfig
+from .data import list_datasets
 from .errors import ConfigError
+from .models import list_models
 from .posterior import PosteriorConfig
 
 Method = Literal["deterministic", "vi", "as"]
@@ -175,6 +177,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"kl_weight must be >= 0 or null, got {cfg.kl_weight}")
     if any(m <= 0 for m in cfg.lr_milestones) or cfg.lr_milestones != sorted(cfg.lr_milestones):
         raise ConfigError(f"lr_milestones must be increasing positive epochs, got {cfg.lr_milestones}")
+    if cfg.model not in list_models():
+        raise ConfigError(f"unknown model '{cfg.model}'; valid: {', '.join(list_models())}")
+    if cfg.dataset not in list_datasets() and not Path(cfg.dataset).exists():
+        raise ConfigError(f"unknown dataset '{cfg.dataset}'; valid: {', '.join(list_datasets())}, "
+                          "or the path of an image folder / .tar.gz")
     cfg.posterior_config()  # PosteriorConfig and ASConfig check their own ranges
     ASConfig(steps=cfg.as_steps, step_size=cfg.as_step_size, lam=cfg.as_lambda,
              kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy)
