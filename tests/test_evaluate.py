@@ -1,0 +1,80 @@
+"""Sampled-model evaluation on a real (small) trained run: consistency, determinism and outputs."""
+
+import json
+
+import pytest
+import torch
+
+from asbnn import metrics
+from asbnn.config import make_config
+from asbnn.evaluate import compare_runs, evaluate_run, predict, summarize
+from asbnn.train import build_data, load_run, train
+
+
+@pytest.fixture(scope="module")
+def run(shared_data, tmp_path_factory):
+    cfg = make_config(overrides=dict(
+        model="lenet5", dataset="fashion-mnist", method="vi", data_root=str(shared_data), epochs=2,
+        train_subset=6000, test_subset=600, schedule="constant", eval_samples=8))
+    return train(cfg, tmp_path_factory.mktemp("runs") / "vi", progress=False)
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    net, cfg, _ = load_run(run)
+    return net, build_data(cfg, torch.device("cpu")).test
+
+
+def test_batched_and_looped_evaluation_agree(loaded):
+    net, test = loaded
+    batched = predict(net, test, num_samples=7, seed=3, mode="batched", chunk=3, keep_probs=True)
+    looped = predict(net, test, num_samples=7, seed=3, mode="loop", chunk=5, keep_probs=True)
+    assert torch.equal(batched.sample_correct, looped.sample_correct)
+    assert torch.allclose(batched.ensemble_probs, looped.ensemble_probs, atol=1e-5)
+    assert torch.allclose(batched.sample_nll, looped.sample_nll, rtol=1e-4)
+    # the reductions match the full [K, N, C] tensor
+    probs = looped.sample_probs.float()
+    assert torch.allclose(probs.mean(0), looped.ensemble_probs, atol=2e-3)
+    acc = metrics.per_sample_accuracy(probs, looped.labels) * len(looped.labels)
+    assert torch.allclose(acc, looped.sample_correct, atol=2)
+
+
+def test_same_seed_same_numbers_and_other_seed_other_samples(loaded):
+    net, test = loaded
+    a = summarize(predict(net, test, num_samples=5, seed=1))
+    b = summarize(predict(net, test, num_samples=5, seed=1))
+    c = summarize(predict(net, test, num_samples=5, seed=2))
+    assert a == b
+    assert a["per_sample_accuracy"] != c["per_sample_accuracy"]
+
+
+def test_summary_is_consistent(loaded):
+    net, test = loaded
+    s = summarize(predict(net, test, num_samples=10, seed=0))
+    acc = s["per_sample_accuracy"]
+    assert s["sampled"]["lowest"] == min(acc) < s["sampled"]["highest"] == max(acc)
+    assert s["sampled"]["lowest"] > 0.5  # a trained network, chance is 0.1
+    assert s["selective"]["total"]["0.2"] >= s["selective"]["total"]["0.8"] >= s["ensemble"]["accuracy"] - 1e-9
+    u = s["uncertainty"]
+    assert u["total"] == pytest.approx(u["aleatoric"] + u["epistemic"], abs=1e-5) and u["epistemic"] > 0
+
+
+def test_evaluate_run_writes_json_markdown_and_plots(run, shared_data, tmp_path):
+    result = evaluate_run(run, num_samples=6, ood=["mnist"], data_root=str(shared_data), out=tmp_path / "eval",
+                          progress=False)
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["sampled"] == result["sampled"] and saved["num_samples"] == 6
+    assert 0.5 < saved["ood"]["mnist"]["total"]["auroc"] <= 1.0
+    assert "| VI s42 |" in (tmp_path / "eval" / "eval.md").read_text()
+    for name in ("sample_accuracies", "reliability", "risk_coverage", "ood_mnist", "training_curves"):
+        assert (tmp_path / "eval" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_needs_evaluated_runs(run, tmp_path):
+    from asbnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="asbnn eval"):
+        compare_runs([tmp_path], out=tmp_path / "cmp")
+    evaluate_run(run, num_samples=3, progress=False)
+    text = compare_runs([run, run], out=tmp_path / "cmp")
+    assert text.count("VI s42") == 2 and (tmp_path / "cmp" / "sample_accuracies.png").exists()
