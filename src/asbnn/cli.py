@@ -1,4 +1,4 @@
-"""The `asbnn` command line: train, eval, compare, quickstart, download.
+"""The `asbnn` command line: train, eval, compare, reproduce, quickstart, download.
 
 Every error of ours (bad config, missing data, corrupt checkpoint) prints as one line and exits 2.
 """
@@ -68,6 +68,14 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
     quickstart(out=Path(args.out), data_root=args.data_root, quiet=args.quiet)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from .reproduce import reproduce
+
+    path = reproduce(args.tables, args.scale, args.out, seeds=args.seeds, data_root=args.data_root,
+                     device=args.device, progress=not args.quiet)
+    print(f"report: {path}")
+
+
 def cmd_download(args: argparse.Namespace) -> None:
     from .data import download_dataset
 
@@ -112,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("reproduce", help="the paper's tables and figures at smoke / cpu / full scale")
+    p.add_argument("tables", nargs="+", help="table1 table2 table3 lambda curves, or all")
+    p.add_argument("--scale", default="cpu", help="smoke, cpu or full")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the scale's)")
+    p.add_argument("--out", default="runs/reproduce", help="results folder, shared by all workers")
+    p.add_argument("--data-root")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("download", help="download an official data set archive (checksum verified)")
     p.add_argument("dataset", choices=["cifar10", "cifar100"])

@@ -1,0 +1,200 @@
+"""The `reproduce` report: our tables beside the paper's numbers, the plots, and how each run was made."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import report
+from .checkpoint import atomic_write_text, read_jsonl
+
+PAPER_CSV = Path(__file__).parent / "paper_results.csv"
+PAPER_NAMES = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ResNet20": "resnet20", "ResNet56": "resnet56",
+               "VGG16": "vgg16_bn"}
+METRICS = ("lowest", "highest", "ensemble")
+RETAIN = ("retain20", "retain40", "retain60", "retain80")
+
+
+def paper_numbers() -> dict[tuple, tuple[float, float]]:
+    """(table, dataset, model, method, metric) -> (mean, std) from the paper, method 'vi' or 'as'."""
+    out = {}
+    with open(PAPER_CSV) as f:
+        for row in csv.DictReader(f):
+            method = "as" if row["method"] == "VI+AS" else "vi"
+            key = (row["table"], PAPER_NAMES[row["dataset"]], PAPER_NAMES[row["model"]], method, row["metric"])
+            out[key] = (float(row["mean"]), float(row["std"]))
+    return out
+
+
+def _load(out: Path, experiments: list) -> list[dict[str, Any]]:
+    """Finished runs with their evaluation and log; unfinished ones are listed as missing."""
+    from .reproduce import run_dir
+
+    runs = []
+    for exp in experiments:
+        folder = run_dir(out, exp)
+        if not (folder / "done.json").is_file():
+            continue
+        runs.append({
+            "exp": exp, "meta": json.loads((folder / "done.json").read_text()),
+            "eval": json.loads((folder / "run" / "eval" / "eval.json").read_text()),
+            "log": read_jsonl(folder / "run" / "log.jsonl"),
+        })
+    return runs
+
+
+def _values(runs: list[dict], metric: str) -> list[float]:
+    if metric == "ensemble":
+        return [100 * r["eval"]["ensemble"]["accuracy"] for r in runs]
+    if metric.startswith("retain"):
+        coverage = str(int(metric.removeprefix("retain")) / 100)  # retain20 -> "0.2"
+        return [100 * r["eval"]["selective"]["total"][coverage] for r in runs]
+    return [100 * r["eval"]["sampled"][metric] for r in runs]
+
+
+def _group(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[tuple(r["exp"].columns[k] for k in keys)].append(r)
+    return groups
+
+
+def _paper_cell(paper: dict, table: str, dataset: str, model: str, method: str, metric: str) -> str:
+    value = paper.get((table, dataset, model, method, metric))
+    return f"{value[0]:.2f} ± {value[1]:.2f}" if value else "–"
+
+
+def _accuracy_table(runs: list[dict], table: str, paper: dict, metrics: tuple[str, ...]) -> str:
+    rows = []
+    for (dataset, model, variant), group in sorted(_group(runs, "dataset", "model", "variant").items()):
+        method = "as" if "AS" in variant else "vi"
+        row: list[Any] = [dataset, model, variant, len(group)]
+        for metric in metrics:
+            row.append(report.mean_std(_values(group, metric)))
+            row.append(_paper_cell(paper, table, dataset, model, method, metric))
+        rows.append(row)
+    headers = ["data", "model", "variant", "seeds"]
+    for metric in metrics:
+        headers += [f"{metric} (ours)", f"{metric} (paper)"]
+    return report.markdown_table(headers, rows)
+
+
+def _gain_table(runs: list[dict], table: str, paper: dict, metrics: tuple[str, ...]) -> str:
+    """AS minus VI at the same init, ours beside the paper's mean gain over its rows."""
+    paper_gain = {}
+    for metric in metrics:
+        gains = [paper[k][0] - paper[(k[0], k[1], k[2], "vi", k[4])][0]
+                 for k in paper if k[0] == table and k[3] == "as" and k[4] == metric]
+        paper_gain[metric] = float(np.mean(gains)) if gains else float("nan")
+    rows = []
+    for (dataset, model), group in sorted(_group(runs, "dataset", "model").items()):
+        by_variant = _group(group, "variant")
+        for (variant,), as_runs in sorted(by_variant.items()):
+            if "AS" not in variant:
+                continue
+            init = variant.rsplit("init ", 1)[-1]
+            vi_runs = by_variant.get((f"VI, init {init}",), [])
+            if not vi_runs:
+                continue
+            row: list[Any] = [dataset, model, variant]
+            for metric in metrics:
+                ours = np.mean(_values(as_runs, metric)) - np.mean(_values(vi_runs, metric))
+                row += [f"{ours:+.2f}", f"{paper_gain[metric]:+.2f}"]
+            rows.append(row)
+    headers = ["data", "model", "AS variant (vs VI, same init)"]
+    for metric in metrics:
+        headers += [f"{metric} gain (ours)", f"{metric} gain (paper, mean)"]
+    return report.markdown_table(headers, rows) if rows else "(no VI / AS pair finished yet)"
+
+
+def _stability(log: list[dict], key: str) -> float:
+    """Std (in %) of the per-epoch test accuracy over the second half of training."""
+    values = [100 * r[key] for r in log if key in r]
+    tail = values[len(values) // 2:]
+    return float(np.std(tail)) if len(tail) > 1 else float("nan")
+
+
+def _mean_std(values: list[float]) -> str:
+    finite = [v for v in values if np.isfinite(v)]
+    return report.mean_std(finite) if finite else "–"
+
+
+def write_report(out: Path, tables: list[str], scale: str, experiments: list) -> Path:
+    from .reproduce import SCALES, TABLES, code_fingerprint
+
+    wanted = set(TABLES) if "all" in tables else set(tables)
+    paper = paper_numbers()
+    runs = _load(out, experiments)
+    plots = out / "plots"
+    machines = sorted({r["meta"]["machine"] for r in runs})
+    lines = [
+        f"# Adversarial Sampling, reproduced at the `{scale}` scale",
+        "",
+        f"Scale: {SCALES[scale].note}. Made by `asbnn reproduce {' '.join(sorted(wanted))} --scale {scale} "
+        f"--out {out}` (code {code_fingerprint()}), last written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"on: {'; '.join(machines) or 'nothing finished yet'}.",
+        f"{len(runs)} of {len(experiments)} runs finished. Accuracies in %, mean ± std over seeds; "
+        "'paper' columns are the paper's numbers where its data set and model match ours, '–' where not.",
+        "",
+        "Variants: *init ours* starts sigma at 0.05, *init authors* at exp(0.15) = 1.16 as the authors' code; "
+        "*BN freeze* keeps BatchNorm running statistics out of the N + 1 adversarial passes, *BN update* "
+        "lets every pass update them as the authors' code. Everything else follows the paper's recipe "
+        "(Adam lr 0.01, batch 100, N = 5, alpha = 0.02, lambda = 0.8, prior sigma 0.15, KL weight 1 / (100 N_train)).",
+    ]
+    t1 = [r for r in runs if "table1" in r["exp"].tables]
+    if wanted & {"table1"} and t1:
+        lines += ["", "## Table 1: trained from scratch, 100 sampled models", "",
+                  _accuracy_table(t1, "1", paper, METRICS), "",
+                  "### The gain of AS over VI, ours beside the paper's", "", _gain_table(t1, "1", paper, METRICS)]
+    t2 = [r for r in runs if "table2" in r["exp"].tables]
+    if "table2" in wanted and t2:
+        dets = [r for r in runs if "table2-det" in r["exp"].tables]
+        lines += ["", "## Table 2: Bayesian fine-tune from a deterministic network", "",
+                  _accuracy_table(t2, "2", paper, METRICS), "",
+                  f"Deterministic starting points: {report.mean_std(_values(dets, 'ensemble'))} % test accuracy.",
+                  "", _gain_table(t2, "2", paper, METRICS)]
+    if "table3" in wanted and t1:
+        lines += ["", "## Table 3: selective prediction (ensemble accuracy on the inputs of lowest total uncertainty)",
+                  "", _accuracy_table(t1, "3", paper, RETAIN)]
+    lam_runs = [r for r in runs if "lambda" in r["exp"].tables]
+    if "lambda" in wanted and lam_runs:
+        lams = sorted({r["exp"].columns["lambda"] for r in lam_runs})
+        series = {m: ([float(np.mean(_values([r for r in lam_runs if r["exp"].columns["lambda"] == lam], m)))
+                       for lam in lams],
+                      [float(np.std(_values([r for r in lam_runs if r["exp"].columns["lambda"] == lam], m)))
+                       for lam in lams]) for m in METRICS}
+        report.plot_lambda_sweep(lams, series, plots / "lambda.png")
+        rows = [[f"{lam:g}", len([r for r in lam_runs if r["exp"].columns["lambda"] == lam])]
+                + [report.mean_std(_values([r for r in lam_runs if r["exp"].columns["lambda"] == lam], m))
+                   for m in METRICS] for lam in lams]
+        lines += ["", "## Lambda sweep (VI + AS, init ours, BN freeze; lambda 0 is plain VI)", "",
+                  report.markdown_table(["lambda", "seeds", *METRICS], rows), "", "![lambda](plots/lambda.png)"]
+    if "curves" in wanted and t1:
+        lines += ["", "## Training curves and the spread of sampled models", ""]
+        first = {r["exp"].columns["variant"]: r for r in sorted(t1, key=lambda r: -r["exp"].columns["seed"])}
+        report.plot_training_curves({v: r["log"] for v, r in sorted(first.items())}, plots / "curves.png")
+        report.plot_sample_accuracies({v: [100 * a for a in r["eval"]["per_sample_accuracy"]]
+                                       for v, r in sorted(first.items())}, plots / "sample_accuracies.png")
+        rows = []
+        for (variant,), group in sorted(_group(t1, "variant").items()):
+            rows.append([variant, _mean_std([_stability(r["log"], "test_acc") for r in group]),
+                         _mean_std([_stability(r["log"], "test_acc_sample") for r in group]),
+                         report.mean_std([100 * r["eval"]["sampled"]["std"] for r in group])])
+        lines += [report.markdown_table(
+            ["variant", "std of test acc (mean), 2nd half of epochs", "std of test acc (one sample), 2nd half",
+             "std of the 100 sampled accuracies"], rows),
+            "", "Curves and histograms show seed 0 of each variant.", "",
+            "![curves](plots/curves.png)", "", "![histograms](plots/sample_accuracies.png)"]
+    lines += ["", "## Runs", "", report.markdown_table(
+        ["run", "machine", "train s", "eval s", "re-run alone"],
+        [[r["meta"]["name"], r["meta"]["machine"], f"{r['meta']['train_seconds']:.0f}",
+          f"{r['meta']['eval_seconds']:.0f}", f"`{r['meta']['command']}`"] for r in runs])]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
