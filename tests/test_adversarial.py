@@ -105,3 +105,21 @@ def test_batchnorm_policy(posterior, batch, policy, extra_updates):
 def test_bad_as_configs(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ASConfig(**kwargs)
+
+
+def test_free_as_carries_eps_one_sign_step_per_training_step(posterior, batch):
+    from asbnn.adversarial import FreeAdversarialSampler
+
+    x, y = batch
+    sampler = FreeAdversarialSampler(posterior, ASConfig(steps=2, step_size=0.02))
+    gen = torch.Generator().manual_seed(6)
+    seen = []
+    for _ in range(4):
+        parts = sampler.loss(x, y, kl_weight=1e-4, generator=gen)
+        parts.total.backward()
+        seen.append((sampler.eps.clone(), sampler._grad.clone()))
+    (e0, g0), (e1, g1), (e2, _), (e3, _) = seen
+    assert torch.allclose(e1, e0 + 0.02 * g0.sign())  # one step along the last backward's gradient
+    assert torch.allclose(e2, e1 + 0.02 * g1.sign())
+    assert (e3 - e2).abs().max() > 0.1  # after `steps` steps eps_adv is redrawn
+    assert parts.adv is not None and torch.isfinite(parts.total)

@@ -28,8 +28,9 @@ def test_short_training_clearly_beats_chance(shared_data, tmp_path, method):
         assert {"kl", "mean_sigma", "train_loss", "train_acc", "epoch_time"} <= set(log[-1])
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights(shared_data, tmp_path, monkeypatch):
-    cfg = small(shared_data, method="as", as_steps=2, epochs=3, train_subset=1500)
+@pytest.mark.parametrize("variant", ["standard", "free"])
+def test_resume_after_a_kill_ends_with_the_same_weights(shared_data, tmp_path, monkeypatch, variant):
+    cfg = small(shared_data, method="as", as_steps=2, epochs=3, train_subset=1500, as_variant=variant)
     train(cfg, tmp_path / "whole", progress=False)
 
     real_save = train_module.save_checkpoint
@@ -82,3 +83,28 @@ def test_learning_rate_schedules():
     cfg = make_config(overrides={"epochs": 200})
     lrs = [train_module.learning_rate(cfg, e) for e in (0, 79, 80, 139, 140, 180, 199)]
     assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 1e-4, 1e-5, 1e-5])
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_batch_stops_the_run_or_is_skipped(shared_data, tmp_path, monkeypatch, policy):
+    from asbnn.data import DeviceLoader
+    from asbnn.errors import AsbnnError
+
+    real = DeviceLoader.batches
+
+    def poisoned(self, generator=None):
+        for i, (x, y) in enumerate(real(self, generator)):
+            yield (torch.full_like(x, float("nan")) if self.train and i == 2 else x), y
+
+    monkeypatch.setattr(DeviceLoader, "batches", poisoned)
+    cfg = small(shared_data, method="vi", epochs=1, train_subset=1000, nonfinite=policy)
+    if policy == "stop":
+        with pytest.raises(AsbnnError, match="epoch 1, step 3"):
+            train(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    else:
+        train(cfg, tmp_path / "run", progress=False)
+        record = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+        assert record["skipped_steps"] == 1 and record["train_loss"] == pytest.approx(record["train_loss"])
+        state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["net"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +140,68 @@ def bayes_loss(
         )
         with frozen_bn_stats(posterior.model, enabled=config.bn_policy == "freeze"):
             adv = loss_fn(posterior(x, eps_adv), y)
+    return _regular_sample_and_total(posterior, x, y, adv, kl_weight, config, loss_fn, generator)
+
+
+def _regular_sample_and_total(
+    posterior: Posterior, x: Tensor, y: Tensor, adv: Tensor | None, kl_weight: float, config: ASConfig,
+    loss_fn: LossFn, generator: torch.Generator | None,
+) -> LossParts:
+    """Algorithm 1, lines 9-13: L_p at a fresh sample, the KL, and the total of eq. 3."""
     logits = posterior(x, posterior.sample_eps(generator))
     pred = loss_fn(logits, y)
     kl = posterior.kl()
     kl_scale = kl_weight * ((1 - config.lam) if config.kl_convention == "authors" else 1.0)
     total = pred + kl_scale * kl if adv is None else (1 - config.lam) * pred + config.lam * adv + kl_scale * kl
     return LossParts(total=total, pred=pred, kl=kl, logits=logits, adv=adv)
+
+
+class FreeAdversarialSampler:
+    """A cheaper AS: one sign step per training step, reusing that step's own backward pass.
+
+    Standard AS spends N extra forward-backward passes per step searching for eps_adv. Here
+    eps_adv is carried from one training step to the next: the gradient with respect to eps_adv
+    comes for free from the backward pass of the total loss, and is applied as one sign step of
+    size alpha before the next step. After `config.steps` steps eps_adv is redrawn from N(0, I),
+    so it never drifts further from a regular sample than standard AS's N steps do (the same
+    Wasserstein budget alpha * N). A step costs 2 forward-backward passes instead of N + 2; the
+    price is that each ascent step was computed at the previous step's weights and batch
+    ("free" adversarial training, Shafahi et al. 2019).
+    """
+
+    def __init__(self, posterior: Posterior, config: ASConfig = ASConfig()) -> None:
+        self.posterior, self.config = posterior, config
+        self.eps: Tensor | None = None
+        self.age = 0
+        self._grad: Tensor | None = None
+
+    def _capture(self, grad: Tensor) -> None:
+        self._grad = grad.detach()
+
+    def _next_eps(self, generator: torch.Generator | None) -> Tensor:
+        if self.eps is not None and self._grad is not None and self.age < self.config.steps:
+            self.eps = self.eps.detach() + self.config.step_size * self._grad.sign()
+            self.age += 1
+        else:
+            self.eps, self.age = self.posterior.sample_eps(generator), 0
+        self._grad = None
+        eps = self.eps.detach().requires_grad_(True)
+        eps.register_hook(self._capture)
+        return eps
+
+    def loss(
+        self, x: Tensor, y: Tensor, *, kl_weight: float, loss_fn: LossFn = F.cross_entropy,
+        generator: torch.Generator | None = None,
+    ) -> LossParts:
+        """Eq. 3 with the carried eps_adv; call `.total.backward()` on the result as usual."""
+        config, posterior = self.config, self.posterior
+        eps_adv = self._next_eps(generator)
+        with frozen_bn_stats(posterior.model, enabled=config.bn_policy == "freeze"):
+            adv = loss_fn(posterior(x, eps_adv), y)
+        return _regular_sample_and_total(posterior, x, y, adv, kl_weight, config, loss_fn, generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"eps": self.eps, "age": self.age, "grad": self._grad}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.eps, self.age, self._grad = state["eps"], state["age"], state["grad"]

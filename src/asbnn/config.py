@@ -67,11 +67,13 @@ class TrainConfig:
     as_lambda: float = 0.8
     kl_convention: Literal["paper", "authors"] = "paper"
     bn_policy: Literal["freeze", "update"] = "freeze"
+    as_variant: Literal["standard", "free"] = "standard"  # free: 1 sign step per training step, 2 passes
     # run
     seed: int = 42
     device: str = "auto"
     amp: bool = True  # mixed precision (bf16) on CUDA; ignored on CPU
     eval_samples: int = 100
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop the run, or skip the step
 
     def __post_init__(self) -> None:
         validate(self)

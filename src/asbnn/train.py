@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adversarial import bayes_loss
+from .adversarial import FreeAdversarialSampler, bayes_loss
 from .checkpoint import append_jsonl, atomic_write_text, load_checkpoint, read_jsonl, save_checkpoint
 from .config import TrainConfig, save_yaml
 from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, load_dataset
-from .errors import CheckpointError, ConfigError
+from .errors import AsbnnError, CheckpointError, ConfigError
 from .models import create_model
 from .posterior import Posterior
 
@@ -145,21 +145,37 @@ def test_accuracy(net: nn.Module, loader: DeviceLoader, eps: Tensor | str | None
     return correct.item() / loader.num_samples
 
 
+class TrainingDiverged(AsbnnError):
+    """The loss or the parameters became NaN or infinite."""
+
+
 def train_epoch(
     net: nn.Module, cfg: TrainConfig, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
-    generator: torch.Generator, kl_weight: float, bar: tqdm,
+    generator: torch.Generator, kl_weight: float, bar: tqdm, epoch: int,
+    sampler: FreeAdversarialSampler | None = None,
 ) -> dict[str, float]:
-    """One pass over the training set; sums stay on the device (no sync per step)."""
+    """One pass over the training set; sums stay on the device (a sync every 20 steps only).
+
+    A non-finite loss stops the run naming the epoch and step (`nonfinite: stop`), or, with
+    `nonfinite: skip`, that step is left out (which costs one sync per step) and counted.
+    """
     net.train()
     device = generator.device
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
     as_config = cfg.as_config()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    seen = 0
+    first_bad = torch.full((), -1, device=device)
+    seen = skipped = 0
+    skip_mode = cfg.nonfinite == "skip"
     for step, (x, y) in enumerate(loader.batches(generator)):
+        if skip_mode:  # a skipped step must not leave NaN in the BatchNorm running statistics
+            saved_buffers = [b.clone() for b in net.buffers()]
         with amp:
-            if cfg.bayesian:
+            if sampler is not None:
+                parts = sampler.loss(x, y, kl_weight=kl_weight, generator=generator)
+                loss, logits = parts.total, parts.logits
+            elif cfg.bayesian:
                 parts = bayes_loss(net, x, y, kl_weight=kl_weight, config=as_config, generator=generator)
                 loss, logits = parts.total, parts.logits
             else:
@@ -167,14 +183,34 @@ def train_epoch(
                 loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        bar.update(len(y))
+        if skip_mode and not torch.isfinite(loss):
+            for buffer, saved in zip(net.buffers(), saved_buffers):
+                buffer.copy_(saved)
+            skipped += 1
+            continue
         optimizer.step()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
-        bar.update(len(y))
         if step % 20 == 0:
+            _check_finite(first_bad, epoch)
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+    _check_finite(first_bad, epoch)
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise TrainingDiverged(f"parameters became NaN or infinite in epoch {epoch}; the checkpoint of "
+                               f"epoch {epoch - 1} is kept; lower lr or set nonfinite=skip")
+    if seen == 0:
+        raise TrainingDiverged(f"every step of epoch {epoch} had a non-finite loss and was skipped")
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "skipped_steps": skipped}
+
+
+def _check_finite(first_bad: Tensor, epoch: int) -> None:
+    step = int(first_bad.item())
+    if step > 0:
+        raise TrainingDiverged(f"the loss became NaN or infinite at epoch {epoch}, step {step}; the checkpoint "
+                               f"of epoch {epoch - 1} is kept; lower lr or set nonfinite=skip to skip such steps")
 
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
@@ -188,6 +224,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     net = build_network(cfg, data.info).to(device)
     optimizer = make_optimizer(cfg, net)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (100 * data.train.num_samples)
+    free_as = cfg.method == "as" and cfg.as_variant == "free"
+    sampler = FreeAdversarialSampler(net, cfg.as_config()) if free_as else None
 
     start = 0
     if resume and ckpt_file.exists():
@@ -196,6 +234,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             raise CheckpointError(f"{out} holds a run with a different config; start a new --out")
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
+        if sampler is not None:
+            sampler.load_state_dict(state["sampler"])
         start = state["epoch"]
         kept = [r for r in read_jsonl(out / LOG) if r["epoch"] <= start]
         atomic_write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in kept))
@@ -215,7 +255,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                   disable=not progress, leave=False) as bar:
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
-            record.update(train_epoch(net, cfg, data.train, optimizer, generator, kl_weight, bar))
+            record.update(train_epoch(net, cfg, data.train, optimizer, generator, kl_weight, bar, epoch + 1, sampler))
         record["epoch_time"] = time.perf_counter() - began
         record.update(epoch_metrics(net, cfg, data.test, device, epoch))
         append_jsonl(out / LOG, record)
@@ -223,6 +263,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             "kind": "posterior" if cfg.bayesian else "deterministic",
             "config": cfg.to_dict(), "epoch": epoch + 1,
             "net": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict() if sampler is not None else None,
         }
         save_checkpoint(state, ckpt_file)
         if progress:
