@@ -120,6 +120,10 @@ def _stability(log: list[dict], key: str) -> float:
     return float(np.std(tail)) if len(tail) > 1 else float("nan")
 
 
+def _train_seconds(runs: list[dict]) -> float:
+    return float(np.mean([r["meta"]["train_seconds"] for r in runs]))
+
+
 def _mean_std(values: list[float]) -> str:
     finite = [v for v in values if np.isfinite(v)]
     return report.mean_std(finite) if finite else "–"
@@ -191,6 +195,15 @@ def write_report(out: Path, tables: list[str], scale: str, experiments: list) ->
              "std of the 100 sampled accuracies"], rows),
             "", "Curves and histograms show seed 0 of each variant.", "",
             "![curves](plots/curves.png)", "", "![histograms](plots/sample_accuracies.png)"]
+    cheap = [r for r in runs if "cheap" in r["exp"].tables]
+    if "cheap" in wanted and cheap:
+        rows = []
+        for (label,), group in sorted(_group(cheap, "cheap").items(), key=lambda kv: _train_seconds(kv[1])):
+            rows.append([label, len(group), f"{_train_seconds(group):.0f}"]
+                        + [report.mean_std(_values(group, m)) for m in METRICS])
+        lines += ["", "## Cheaper AS: free AS (2 passes per step) against standard AS (N + 2)", "",
+                  report.markdown_table(["variant", "seeds", "train s (mean)", *METRICS], rows), "",
+                  "Rows are sorted by training time; compare rows of similar time for the equal-wall-clock view."]
     lines += ["", "## Runs", "", report.markdown_table(
         ["run", "machine", "train s", "eval s", "re-run alone"],
         [[r["meta"]["name"], r["meta"]["machine"], f"{r['meta']['train_seconds']:.0f}",

@@ -31,7 +31,8 @@ from .errors import ConfigError
 from .evaluate import evaluate_run
 from .train import CHECKPOINT, train
 
-TABLES = ("table1", "table2", "table3", "lambda", "curves")
+TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")
+CHEAP_EPOCH_FACTOR = 3  # free AS (2 passes) at 3x the epochs costs about what standard AS (N + 2) does
 AUTHORS_SIGMA = math.exp(0.15)
 
 
@@ -161,6 +162,19 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                     v = OURS_VI if lam == 0 else OURS_AS
                     add("lambda", f"{dataset}-{model}-lambda{lam:g}-s{seed}",
                         {**common, **v.overrides(), "as_lambda": lam if lam > 0 else OURS_LAMBDA}, {**cols, "lambda": lam})
+            if "cheap" in wanted:
+                epochs = scale.base.get("epochs", 200)
+                longer = {"epochs": CHEAP_EPOCH_FACTOR * epochs, "lr_milestones": _milestones(CHEAP_EPOCH_FACTOR * epochs)}
+                for label, v, extra in (
+                    (f"VI, {epochs} epochs", OURS_VI, {}),
+                    (f"AS, {epochs} epochs", OURS_AS, {}),
+                    (f"free AS, {epochs} epochs", OURS_AS, {"as_variant": "free"}),
+                    (f"free AS, {CHEAP_EPOCH_FACTOR * epochs} epochs", OURS_AS, {"as_variant": "free", **longer}),
+                    (f"VI, {CHEAP_EPOCH_FACTOR * epochs} epochs", OURS_VI, longer),
+                ):
+                    tag = label.replace(", ", "-").replace(" ", "")
+                    add("cheap", f"{dataset}-{model}-{tag}-s{seed}", {**common, **v.overrides(), **extra},
+                        {**cols, "cheap": label})
             if "table2" in wanted:
                 det = add("table2-det", f"{dataset}-{model}-det-s{seed}", {**common, "method": "deterministic"}, cols)
                 for v in (OURS_VI, OURS_AS):
