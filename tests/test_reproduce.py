@@ -14,9 +14,10 @@ def test_smoke_pipeline_writes_every_table_and_never_redoes_a_run(shared_data, t
     report = reproduce(["all"], "smoke", out, data_root=str(shared_data), progress=False)
     text = report.read_text()
     for heading in ("## Table 1", "### The gain of AS over VI", "## Table 2", "## Table 3", "## Lambda sweep",
-                    "## Training curves", "## Runs"):
+                    "## Training curves", "## Cheaper AS", "## Runs"):
         assert heading in text
-    assert "7 of 7 runs finished" in text
+    n = len(plan(["all"], "smoke"))
+    assert n >= 10 and f"{n} of {n} runs finished" in text
     for plot in ("lambda.png", "curves.png", "sample_accuracies.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     experiments = plan(["all"], "smoke")

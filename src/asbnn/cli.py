@@ -1,4 +1,4 @@
-"""The `asbnn` command line: train, eval, compare, reproduce, quickstart, download.
+"""The `asbnn` command line: train, eval, compare, predict, reproduce, quickstart, download.
 
 Every error of ours (bad config, missing data, corrupt checkpoint) prints as one line and exits 2.
 """
@@ -37,6 +37,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_run
     from .train import train
 
+    if args.config is not None and "=" in args.config:  # `asbnn train epochs=3`: no config file given
+        args.overrides, args.config = [args.config, *args.overrides], None
     overrides = parse_overrides(args.overrides)
     for key in ("data_root", "device"):
         if getattr(args, key) is not None:
@@ -60,6 +62,20 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from .evaluate import compare_runs
 
     compare_runs(args.runs, out=args.out)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from .predict import format_predictions, predict_files
+
+    predictions = predict_files(args.model, args.images, num_samples=args.samples, seed=args.seed, top=args.top,
+                                device=args.device)
+    if args.json:
+        print(json.dumps({"model": args.model, "samples": args.samples, "seed": args.seed,
+                          "predictions": [p.to_dict() for p in predictions]}, indent=1))
+    else:
+        print(format_predictions(predictions))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
@@ -114,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders (evaluated)")
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("predict", help="classify image files, with the ensemble's uncertainty")
+    p.add_argument("model", help="run folder, checkpoint or .safetensors model file")
+    p.add_argument("images", nargs="+", help="PNG/JPEG files or folders (searched recursively)")
+    p.add_argument("--samples", type=int, default=30, help="number of sampled models K")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled models")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("quickstart", help="VI vs VI + AS on Fashion-MNIST in minutes on a CPU")
     p.add_argument("--out", default="runs/quickstart")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from .adversarial import ASConfig
+from .checkpoint import atomic_write_text
 from .data import list_datasets
 from .errors import ConfigError
 from .models import list_models
@@ -150,14 +151,34 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        number = _as_float(value)
+        if number is None or not math.isfinite(number):
             raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        return float(value)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {hint}")  # a bug in TrainConfig, not user input
+
+
+def _as_float(value: Any) -> float | None:
+    """`value` as a float if it is a number or the text of one (YAML 1.1 reads `1e-3`, which has no
+    dot, as a string); None for anything else, and for an integer too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _path_exists(name: str) -> bool:
+    """Whether `name` names an existing path; a name no file system accepts (too long, a NUL) does not."""
+    try:
+        return Path(name).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -173,6 +194,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be > 0 or null, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.seed < 2**64:  # what torch.manual_seed and numpy's SeedSequence both take
+        raise ConfigError(f"seed must be in [0, 2**64), got {cfg.seed}")
     if cfg.weight_decay < 0 or not 0 <= cfg.momentum < 1 or not 0 < cfg.lr_gamma <= 1:
         raise ConfigError("need weight_decay >= 0, 0 <= momentum < 1 and 0 < lr_gamma <= 1")
     if cfg.kl_weight is not None and cfg.kl_weight < 0:
@@ -180,9 +203,9 @@ def validate(cfg: TrainConfig) -> None:
     if any(m <= 0 for m in cfg.lr_milestones) or cfg.lr_milestones != sorted(cfg.lr_milestones):
         raise ConfigError(f"lr_milestones must be increasing positive epochs, got {cfg.lr_milestones}")
     if cfg.model not in list_models():
-        raise ConfigError(f"unknown model '{cfg.model}'; valid: {', '.join(list_models())}")
-    if cfg.dataset not in list_datasets() and not Path(cfg.dataset).exists():
-        raise ConfigError(f"unknown dataset '{cfg.dataset}'; valid: {', '.join(list_datasets())}, "
+        raise ConfigError(f"unknown model {cfg.model!r}; valid: {', '.join(list_models())}")
+    if cfg.dataset not in list_datasets() and not _path_exists(cfg.dataset):
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(list_datasets())}, "
                           "or the path of an image folder / .tar.gz")
     cfg.posterior_config()  # PosteriorConfig and ASConfig check their own ranges
     ASConfig(steps=cfg.as_steps, step_size=cfg.as_step_size, lam=cfg.as_lambda,
@@ -192,10 +215,10 @@ def validate(cfg: TrainConfig) -> None:
 def _check_keys(values: dict[str, Any], source: str) -> None:
     names = list(_field_types())
     for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+        if not isinstance(key, str) or key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -204,11 +227,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"cannot parse the value of override '{item}'") from None
+        except Exception:  # PyYAML's constructors fail in many ways: `!!float` alone, a date 2001-13-01, ...
+            raise ConfigError(f"cannot parse the value of override {item!r}") from None
     return out
 
 
@@ -217,9 +240,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {err}") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except Exception as err:  # PyYAML's constructors fail in many ways: `!!float` alone, a date 2001-13-01, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value")
     return values
@@ -235,12 +265,12 @@ def make_config(
     overrides = dict(overrides or {})
     preset = overrides.pop("preset", None) or preset or file_values.pop("preset", None) or "default"
     file_values.pop("preset", None)
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}'; valid: {', '.join(PRESETS)}")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
     _check_keys(file_values, str(path))
     _check_keys(overrides, "the overrides")
     return TrainConfig(**{**PRESETS[preset], **file_values, **overrides})
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,16 +1,20 @@
 """The training loop: deterministic, plain VI and VI + Adversarial Sampling through one path.
 
-A run lives in one folder: `config.yaml`, `log.jsonl` (one line of metrics per epoch) and
-`checkpoint.pt` (written atomically after every epoch). All randomness of an epoch (shuffling,
-augmentation, weight noise) comes from a generator seeded by (seed, epoch), so a resumed run
-replays exactly what an uninterrupted one would have done.
+A run lives in one folder: `config.yaml`, `log.jsonl` (one line of metrics per epoch),
+`checkpoint.pt` (written atomically after every epoch) and `checkpoint.prev.pt` (the one before,
+which a resume falls back to when `checkpoint.pt` is damaged). All randomness of an epoch
+(shuffling, augmentation, weight noise) comes from a generator seeded by (seed, epoch), so a
+resumed run replays exactly what an uninterrupted one would have done.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .adversarial import FreeAdversarialSampler, bayes_loss
-from .checkpoint import append_jsonl, atomic_write_text, load_checkpoint, read_jsonl, save_checkpoint
+from .checkpoint import (
+    DamagedCheckpoint,
+    append_jsonl,
+    atomic_write_text,
+    load_checkpoint,
+    previous_path,
+    read_jsonl,
+    remove_stale_temps,
+    restore_from,
+    save_checkpoint,
+    writing,
+)
 from .config import TrainConfig, save_yaml
 from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, load_dataset
 from .errors import AsbnnError, CheckpointError, ConfigError
@@ -30,6 +45,7 @@ from .models import create_model
 from .posterior import Posterior
 
 CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = previous_path(CHECKPOINT).name
 LOG = "log.jsonl"
 EVAL_BATCH = 500
 
@@ -99,8 +115,32 @@ def checkpoint_path(run: str | Path) -> Path:
     return run / CHECKPOINT if run.is_dir() else run
 
 
+_STATE_KEYS = ("kind", "config", "epoch", "net", "optimizer")
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint of `train`, checked to hold what training and evaluation read from it."""
+    state = load_checkpoint(path, map_location=device)
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{path} is not an asbnn training checkpoint (no '{missing[0]}' entry)")
+    if not isinstance(state["config"], dict) or not isinstance(state["epoch"], int):
+        raise DamagedCheckpoint(f"{path} is not an asbnn training checkpoint (bad 'config' or 'epoch' entry)")
+    return state
+
+
+@contextmanager
+def _restoring(path: Path) -> Iterator[None]:
+    """Report tensors that do not fit the network (another version, a foreign file) as one line."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} does not fit the network it describes: {first}") from None
+
+
 def load_deterministic_weights(source: str | Path, model_name: str) -> dict[str, Tensor]:
-    state = load_checkpoint(checkpoint_path(source))
+    state = load_state(checkpoint_path(source))
     if state.get("kind") != "deterministic":
         raise ConfigError(f"init_from must be a deterministic run; {source} holds a {state.get('kind')} run")
     if state["config"]["model"] != model_name:
@@ -110,11 +150,16 @@ def load_deterministic_weights(source: str | Path, model_name: str) -> dict[str,
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, DatasetInfo]:
     """Rebuild the trained network of a run folder or checkpoint file, in eval mode."""
-    state = load_checkpoint(checkpoint_path(run), map_location=device)
-    cfg = TrainConfig(**{**state["config"], "init_from": None})
+    path = checkpoint_path(run)
+    state = load_state(path, device)
+    try:
+        cfg = TrainConfig(**{**state["config"], "init_from": None})
+    except TypeError as err:  # a key this version of TrainConfig does not know
+        raise CheckpointError(f"{path} holds a config this version of asbnn cannot read ({err})") from None
     info = dataset_info(cfg.dataset)
     net = build_network(cfg, info).to(device)
-    net.load_state_dict(state["net"])
+    with _restoring(path):
+        net.load_state_dict(state["net"])
     return net.eval(), cfg, info
 
 
@@ -220,6 +265,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if ckpt_file.exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     device = resolve_device(cfg.device)
+    if out.is_dir():
+        remove_stale_temps(out, CHECKPOINT, PREV_CHECKPOINT, LOG)
+    state = resume_state(out, cfg, device) if resume else None  # before the data: a bad checkpoint fails fast
     data = build_data(cfg, device)
     net = build_network(cfg, data.info).to(device)
     optimizer = make_optimizer(cfg, net)
@@ -228,21 +276,22 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     sampler = FreeAdversarialSampler(net, cfg.as_config()) if free_as else None
 
     start = 0
-    if resume and ckpt_file.exists():
-        state = load_checkpoint(ckpt_file, map_location=device)
-        if state["config"] != cfg.to_dict():
-            raise CheckpointError(f"{out} holds a run with a different config; start a new --out")
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        if sampler is not None:
-            sampler.load_state_dict(state["sampler"])
+    if state is not None:
+        with _restoring(ckpt_file):
+            net.load_state_dict(state["net"])
+            optimizer.load_state_dict(state["optimizer"])
+            if sampler is not None:
+                sampler.load_state_dict(state["sampler"])
         start = state["epoch"]
-        kept = [r for r in read_jsonl(out / LOG) if r["epoch"] <= start]
+        # Epochs after the checkpoint are trained again, so their log lines go.
+        kept = [r for r in read_jsonl(out / LOG) if r.get("epoch") in range(1, start + 1)]
         atomic_write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in kept))
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
-        (out / LOG).unlink(missing_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, out / "config.yaml")
+            (out / LOG).unlink(missing_ok=True)
+            (out / PREV_CHECKPOINT).unlink(missing_ok=True)  # an earlier run's: never fall back to it
 
     for epoch in range(start, cfg.epochs):
         if cfg.reset_optimizer_each_epoch and epoch > start:
@@ -269,6 +318,35 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         if progress:
             tqdm.write(_summary(record))
     return out
+
+
+def resume_state(out: Path, cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint to continue run `out` from, or None if it has none yet.
+
+    When `checkpoint.pt` is truncated or corrupt, the previous good one is used (with a warning on
+    stderr) and copied over the damaged one, so that the next save keeps a good previous checkpoint.
+    """
+    ckpt, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
+    damaged: list[DamagedCheckpoint] = []
+    for path in (ckpt, prev):
+        if not path.exists():
+            continue
+        try:
+            state = load_state(path, device)
+        except DamagedCheckpoint as err:
+            damaged.append(err)
+            continue
+        if state["config"] != cfg.to_dict():
+            raise CheckpointError(f"{out} holds a run with a different config; start a new --out")
+        if path == prev:
+            problem = damaged[0] if damaged else f"{ckpt} is missing"
+            print(f"asbnn: warning: {problem}; resuming from {prev} (epoch {state['epoch']})", file=sys.stderr)
+            restore_from(prev, ckpt)
+        return state
+    if damaged:
+        raise CheckpointError(f"{damaged[0]}; no good previous checkpoint to fall back to"
+                              + (f" ({damaged[1]})" if len(damaged) > 1 else ""))
+    return None
 
 
 def epoch_metrics(net: nn.Module, cfg: TrainConfig, test: DeviceLoader, device: torch.device, epoch: int) -> dict[str, float]:

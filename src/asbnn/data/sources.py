@@ -185,7 +185,8 @@ def _reading(path: Path | str) -> Iterator[None]:
     try:
         yield
     except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
-        raise DataError(f"cannot read {path}: {err}") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"cannot read {path}: {first_line}") from err
 
 
 @contextmanager
