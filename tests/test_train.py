@@ -108,3 +108,20 @@ def test_a_nan_batch_stops_the_run_or_is_skipped(shared_data, tmp_path, monkeypa
         assert record["skipped_steps"] == 1 and record["train_loss"] == pytest.approx(record["train_loss"])
         state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["net"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_test_split_with_classes_the_model_does_not_have(tmp_path):
+    from PIL import Image
+
+    from asbnn.errors import DataError
+
+    for split, classes in (("train", ["cat", "dog"]), ("test", ["cat", "dog", "emu"])):
+        for name in classes:
+            folder = tmp_path / "pets" / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    cfg = make_config(overrides=dict(model="lenet5", dataset=str(tmp_path / "pets"), method="vi", epochs=1,
+                                     batch_size=2))
+    with pytest.raises(DataError, match="different classes .*emu"):
+        train(cfg, tmp_path / "run", progress=False)

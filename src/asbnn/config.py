@@ -73,6 +73,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     amp: bool = True  # mixed precision (bf16) on CUDA; ignored on CPU
+    deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always bitwise repeatable
     eval_samples: int = 100
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop the run, or skip the step
 

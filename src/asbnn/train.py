@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig, save_yaml
 from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, load_dataset
-from .errors import AsbnnError, CheckpointError, ConfigError
+from .errors import AsbnnError, CheckpointError, ConfigError, DataError
 from .models import create_model
 from .posterior import Posterior
 
@@ -87,6 +88,10 @@ def build_data(cfg: TrainConfig, device: torch.device) -> RunData:
     info = dataset_info(cfg.dataset)
     train = subset(load_dataset(cfg.dataset, "train", cfg.data_root), cfg.train_subset)
     test = subset(load_dataset(cfg.dataset, "test", cfg.data_root), cfg.test_subset)
+    if test.classes != train.classes:  # labels are class indices: the two lists must agree exactly
+        extra = sorted(set(test.classes) - set(train.classes)) or sorted(set(train.classes) - set(test.classes))
+        raise DataError(f"the test and training splits of {cfg.dataset} have different classes "
+                        f"(e.g. {', '.join(extra[:3]) or 'a different order'}); labels would not match")
     augment = info.augment if cfg.augment is None else cfg.augment
     common = dict(mean=info.mean, std=info.std, device=device)
     return RunData(
@@ -265,6 +270,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if ckpt_file.exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable sums
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if out.is_dir():
         remove_stale_temps(out, CHECKPOINT, PREV_CHECKPOINT, LOG)
     state = resume_state(out, cfg, device) if resume else None  # before the data: a bad checkpoint fails fast
