@@ -39,11 +39,11 @@ def calibrated(name: str, in_channels: int, size: int) -> tuple[nn.Module, torch
 
 def test_list_models():
     resnets = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-    assert list_models() == ["lenet5", *resnets, "vgg16_bn"]
+    assert list_models() == ["lenet5", "mlp", *resnets, "vgg16_bn"]
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"unknown model 'resnet19'; valid: lenet5, resnet20, .*vgg16_bn"):
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet19'; valid: lenet5, mlp, resnet20, .*vgg16_bn"):
         create_model("resnet19")
 
 

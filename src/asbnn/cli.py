@@ -6,6 +6,7 @@ Every error of ours (bad config, missing data, corrupt checkpoint) prints as one
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -45,9 +46,11 @@ def cmd_train(args: argparse.Namespace) -> None:
             overrides[key] = getattr(args, key)
     cfg = make_config(resolve_config(args.config), overrides, preset=args.preset)
     out = Path(args.out) if args.out else default_run_dir(cfg)
-    print(f"training {cfg.model} on {cfg.dataset} ({cfg.method}) into {out}")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports and evaluates
+    if main_process:
+        print(f"training {cfg.model} on {cfg.dataset} ({cfg.method}) into {out}")
     train(cfg, out, resume=args.resume, progress=not args.quiet)
-    if not args.no_eval:
+    if not args.no_eval and main_process:
         evaluate_run(out, num_samples=cfg.eval_samples, progress=not args.quiet)
 
 

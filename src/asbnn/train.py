@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adversarial import FreeAdversarialSampler, bayes_loss
 from .checkpoint import (
     DamagedCheckpoint,
@@ -40,6 +41,7 @@ from .checkpoint import (
     writing,
 )
 from .config import TrainConfig, save_yaml
+from .distributed import Ranks, average_gradients, barrier, reduce, shard
 from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, load_dataset
 from .errors import AsbnnError, CheckpointError, ConfigError, DataError
 from .models import create_model
@@ -202,13 +204,16 @@ class TrainingDiverged(AsbnnError):
 def train_epoch(
     net: nn.Module, cfg: TrainConfig, loader: DeviceLoader, optimizer: torch.optim.Optimizer,
     generator: torch.Generator, kl_weight: float, bar: tqdm, epoch: int,
-    sampler: FreeAdversarialSampler | None = None,
+    sampler: FreeAdversarialSampler | None = None, ranks: Ranks = Ranks(), noise: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One pass over the training set; sums stay on the device (a sync every 20 steps only).
 
     A non-finite loss stops the run naming the epoch and step (`nonfinite: stop`), or, with
     `nonfinite: skip`, that step is left out (which costs one sync per step) and counted.
+    `generator` shapes the global batches (alike on every rank); `noise` draws the weight noise
+    (this rank's own; the same generator on a lone process).
     """
+    noise = generator if noise is None else noise
     net.train()
     device = generator.device
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
@@ -219,35 +224,39 @@ def train_epoch(
     seen = skipped = 0
     skip_mode = cfg.nonfinite == "skip"
     for step, (x, y) in enumerate(loader.batches(generator)):
+        x, y = shard(x, y, ranks)
         if skip_mode:  # a skipped step must not leave NaN in the BatchNorm running statistics
             saved_buffers = [b.clone() for b in net.buffers()]
         with amp:
             if sampler is not None:
-                parts = sampler.loss(x, y, kl_weight=kl_weight, generator=generator)
+                parts = sampler.loss(x, y, kl_weight=kl_weight, generator=noise)
                 loss, logits = parts.total, parts.logits
             elif cfg.bayesian:
-                parts = bayes_loss(net, x, y, kl_weight=kl_weight, config=as_config, generator=generator)
+                parts = bayes_loss(net, x, y, kl_weight=kl_weight, config=as_config, generator=noise)
                 loss, logits = parts.total, parts.logits
             else:
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        bar.update(len(y))
-        if skip_mode and not torch.isfinite(loss):
+        bar.update(len(y) * ranks.world)
+        if skip_mode and reduce((~torch.isfinite(loss.detach())).float(), ranks) > 0:
             for buffer, saved in zip(net.buffers(), saved_buffers):
                 buffer.copy_(saved)
             skipped += 1
             continue
+        average_gradients(net, ranks)
         optimizer.step()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         if step % 20 == 0:
-            _check_finite(first_bad, epoch)
+            _check_finite(reduce(first_bad, ranks, "max"), epoch)
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-    _check_finite(first_bad, epoch)
+    _check_finite(reduce(first_bad, ranks, "max"), epoch)
+    loss_sum, correct = reduce(loss_sum, ranks), reduce(correct, ranks)
+    seen = int(reduce(torch.tensor(float(seen), device=device), ranks).item())
     if not all(torch.isfinite(p).all() for p in net.parameters()):
         raise TrainingDiverged(f"parameters became NaN or infinite in epoch {epoch}; the checkpoint of "
                                f"epoch {epoch - 1} is kept; lower lr or set nonfinite=skip")
@@ -269,12 +278,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     ckpt_file = out / CHECKPOINT
     if ckpt_file.exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    device = resolve_device(cfg.device)
+    ranks, device = distributed.setup(resolve_device(cfg.device))
+    progress = progress and ranks.is_main
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable sums
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    if out.is_dir():
+    if out.is_dir() and ranks.is_main:
         remove_stale_temps(out, CHECKPOINT, PREV_CHECKPOINT, LOG)
     state = resume_state(out, cfg, device) if resume else None  # before the data: a bad checkpoint fails fast
     data = build_data(cfg, device)
@@ -294,13 +304,15 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         start = state["epoch"]
         # Epochs after the checkpoint are trained again, so their log lines go.
         kept = [r for r in read_jsonl(out / LOG) if r.get("epoch") in range(1, start + 1)]
-        atomic_write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in kept))
-    else:
+        if ranks.is_main:
+            atomic_write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in kept))
+    elif ranks.is_main:
         with writing(out):
             out.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, out / "config.yaml")
             (out / LOG).unlink(missing_ok=True)
             (out / PREV_CHECKPOINT).unlink(missing_ok=True)  # an earlier run's: never fall back to it
+    barrier(ranks)
 
     for epoch in range(start, cfg.epochs):
         if cfg.reset_optimizer_each_epoch and epoch > start:
@@ -309,12 +321,17 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         for group in optimizer.param_groups:
             group["lr"] = lr
         generator = make_generator(device, cfg.seed, epoch)
+        noise = make_generator(device, cfg.seed, epoch, 2, ranks.rank) if ranks.world > 1 else None
         began = time.perf_counter()
         with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                   disable=not progress, leave=False) as bar:
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
-            record.update(train_epoch(net, cfg, data.train, optimizer, generator, kl_weight, bar, epoch + 1, sampler))
+            record.update(train_epoch(net, cfg, data.train, optimizer, generator, kl_weight, bar, epoch + 1,
+                                      sampler, ranks, noise))
         record["epoch_time"] = time.perf_counter() - began
+        if not ranks.is_main:  # rank 0 alone evaluates, logs and checkpoints
+            barrier(ranks)
+            continue
         record.update(epoch_metrics(net, cfg, data.test, device, epoch))
         append_jsonl(out / LOG, record)
         state = {
@@ -324,6 +341,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             "sampler": sampler.state_dict() if sampler is not None else None,
         }
         save_checkpoint(state, ckpt_file)
+        barrier(ranks)
         if progress:
             tqdm.write(_summary(record))
     return out

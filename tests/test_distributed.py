@@ -1,0 +1,70 @@
+"""Data-parallel training with torchrun on the CPU (gloo backend, 2 processes)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def command(shared_data, out, *overrides, processes=2):
+    args = ["train", "quickstart", "train_subset=1000", "test_subset=200", "batch_size=100",
+            *overrides, "--data-root", str(shared_data), "--no-eval", "--quiet", "--out", str(out)]
+    if processes == 1:
+        return [sys.executable, "-m", "asbnn.cli", *args]
+    return [str(TORCHRUN), "--standalone", f"--nproc_per_node={processes}", "-m", "asbnn.cli", *args]
+
+
+def run(cmd, private_cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASBNN_CACHE": str(private_cache)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def weights(run_dir):
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["net"]
+
+
+@pytest.fixture(autouse=True)
+def needs_torchrun():
+    if not TORCHRUN.exists():
+        pytest.fail(f"torchrun not found next to {sys.executable}")
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(shared_data, tmp_path, private_cache):
+    overrides = ("model=mlp", "method=deterministic", "epochs=1")
+    run(command(shared_data, tmp_path / "one", *overrides, processes=1), private_cache)
+    run(command(shared_data, tmp_path / "two", *overrides), private_cache)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_bayesian_data_parallel_training_learns_and_resumes(shared_data, tmp_path, private_cache):
+    overrides = ("model=lenet5", "method=as", "as_steps=2", "epochs=2", "train_subset=4000")
+    run(command(shared_data, tmp_path / "whole", *overrides), private_cache)
+    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and log[-1]["test_acc"] > 0.3  # chance is 0.1
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASBNN_CACHE": str(private_cache)}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(shared_data, killed, *overrides), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "log.jsonl").exists() or not (killed / "log.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    run(command(shared_data, killed, *overrides) + ["--resume"], private_cache)
+    whole, resumed = weights(tmp_path / "whole"), weights(killed)
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    shutil.rmtree(killed)
