@@ -78,3 +78,20 @@ def test_compare_needs_evaluated_runs(run, tmp_path):
     evaluate_run(run, num_samples=3, progress=False)
     text = compare_runs([run, run], out=tmp_path / "cmp")
     assert text.count("VI s42") == 2 and (tmp_path / "cmp" / "sample_accuracies.png").exists()
+
+
+def test_tensorboard_events_and_csv_export(shared_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(overrides=dict(
+        model="lenet5", dataset="fashion-mnist", method="vi", data_root=str(shared_data), epochs=2,
+        train_subset=1000, test_subset=300, eval_samples=4, tensorboard=True))
+    run = train(cfg, tmp_path / "tb", progress=False)
+    evaluate_run(run, num_samples=4, progress=False)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    assert [e.step for e in events.Scalars("test_acc")] == [1, 2]
+    assert {"sigma", "sampled_model_accuracy"} <= set(events.Tags()["histograms"])
+    csv_file = tmp_path / "table.csv"
+    compare_runs([run], out=tmp_path / "cmp", csv_path=csv_file)
+    header, row = csv_file.read_text().splitlines()[:2]
+    assert "sampled.lowest" in header.split(",") and row.startswith("VI s42")

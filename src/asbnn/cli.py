@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .evaluate import compare_runs
 
-    compare_runs(args.runs, out=args.out)
+    compare_runs(args.runs, out=args.out, csv_path=args.csv)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="put several evaluated runs side by side")
     p.add_argument("runs", nargs="+", help="run folders (evaluated)")
     p.add_argument("--out", default="runs/compare", help="output folder")
+    p.add_argument("--csv", help="also write the table, every number, as CSV to this file")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("predict", help="classify image files, with the ensemble's uncertainty")

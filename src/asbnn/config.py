@@ -75,6 +75,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision (bf16) on CUDA; ignored on CPU
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always bitwise repeatable
     eval_samples: int = 100
+    tensorboard: bool = False  # also write TensorBoard event files (scalars, sigma histograms) to RUN/tensorboard
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop the run, or skip the step
 
     def __post_init__(self) -> None:

@@ -236,6 +236,12 @@ def evaluate_run(
         result.setdefault("ood", {})[name] = ood_summary(pred, ood_pred)
         ood_scores[name] = {s: (getattr(pred, s).cpu(), getattr(ood_pred, s).cpu()) for s in ("total", "epistemic")}
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
+    if cfg.tensorboard:
+        from .train import tensorboard_writer
+
+        with tensorboard_writer(run_dir) as writer:
+            writer.add_histogram("sampled_model_accuracy", torch.tensor(result["per_sample_accuracy"]), cfg.epochs)
+            writer.add_scalar("ensemble_accuracy", result["ensemble"]["accuracy"], cfg.epochs)
     if save_probs:
         save_sample_probs(pred, out / "probs.npz")
     label = run_label(cfg)
@@ -294,7 +300,7 @@ def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
     return text
 
 
-def compare_runs(runs: list[str | Path], out: str | Path = "runs/compare") -> str:
+def compare_runs(runs: list[str | Path], out: str | Path = "runs/compare", csv_path: str | Path | None = None) -> str:
     """Several evaluated runs side by side: one table (compare.md) and one set of plots."""
     from . import report
     from .checkpoint import atomic_write_text, read_jsonl
@@ -315,6 +321,10 @@ def compare_runs(runs: list[str | Path], out: str | Path = "runs/compare") -> st
     out.mkdir(parents=True, exist_ok=True)
     text = markdown_summary(results)
     atomic_write_text(out / "compare.md", text)
+    if csv_path is not None:
+        from .export import results_csv
+
+        atomic_write_text(csv_path, results_csv(results))
     report.plot_sample_accuracies(
         {k: [100 * a for a in r["per_sample_accuracy"]] for k, r in results.items()}, out / "sample_accuracies.png")
     if any(logs.values()):

@@ -314,6 +314,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             (out / PREV_CHECKPOINT).unlink(missing_ok=True)  # an earlier run's: never fall back to it
     barrier(ranks)
 
+    writer = tensorboard_writer(out) if cfg.tensorboard and ranks.is_main else None
     for epoch in range(start, cfg.epochs):
         if cfg.reset_optimizer_each_epoch and epoch > start:
             optimizer = make_optimizer(cfg, net)
@@ -342,9 +343,25 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         }
         save_checkpoint(state, ckpt_file)
         barrier(ranks)
+        if writer is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch + 1)
+            if cfg.bayesian:
+                writer.add_histogram("sigma", net.sigma().detach().float().cpu(), epoch + 1)
+            writer.flush()
         if progress:
             tqdm.write(_summary(record))
     return out
+
+
+def tensorboard_writer(run: Path) -> Any:
+    """A TensorBoard SummaryWriter for RUN/tensorboard (the optional `tensorboard` package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(run / "tensorboard"))
 
 
 def resume_state(out: Path, cfg: TrainConfig, device: torch.device) -> dict[str, Any] | None:
