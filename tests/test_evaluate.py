@@ -95,3 +95,16 @@ def test_tensorboard_events_and_csv_export(shared_data, tmp_path):
     compare_runs([run], out=tmp_path / "cmp", csv_path=csv_file)
     header, row = csv_file.read_text().splitlines()[:2]
     assert "sampled.lowest" in header.split(",") and row.startswith("VI s42")
+
+
+def test_labels_beyond_the_networks_classes_get_a_clear_error(loaded):
+    import numpy as np
+
+    from asbnn.data import ArrayDataset, DeviceLoader
+    from asbnn.errors import ConfigError
+
+    net, _ = loaded
+    data = ArrayDataset(np.zeros((4, 28, 28, 1), np.uint8), np.array([0, 1, 2, 17]), [str(i) for i in range(18)])
+    loader = DeviceLoader(data, 4, train=False, mean=(0.5,), std=(0.5,), augment=False)
+    with pytest.raises(ConfigError, match="labels go up to 17 but the network has 10 classes"):
+        predict(net, loader, num_samples=2)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import metrics
-from .data import DeviceLoader
+from .data import ArrayDataset, DeviceLoader
 from .errors import ConfigError
 from .posterior import Posterior
 from .train import make_generator
@@ -94,6 +94,8 @@ def predict(
             logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
             logp = logits.float().log_softmax(-1)  # [S, B, C]
             probs = logp.exp()
+            if ens is None and int(y.max()) >= probs.shape[-1]:
+                raise ConfigError(f"labels go up to {int(y.max())} but the network has {probs.shape[-1]} classes")
             if ens is None:
                 ens = torch.zeros(n, probs.shape[-1], device=device, dtype=torch.float64)
                 aleatoric = torch.zeros(n, device=device, dtype=torch.float64)
@@ -230,6 +232,8 @@ def evaluate_run(
             raise ConfigError(f"OOD set {name} has {ood_info.channels}x{ood_info.image_size}px images, "
                               f"the model expects {info.channels}x{info.image_size}px")
         ood_data = subset(load_dataset(name, "test", cfg.data_root), cfg.test_subset)
+        # OOD labels name other classes: only the uncertainty scores are used, labels are placeholders
+        ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
         loader = DeviceLoader(ood_data, min(500, len(ood_data.labels)), train=False, mean=info.mean,
                               std=info.std, augment=False, device=dev)
         ood_pred = predict(net, loader, num_samples=num_samples, seed=seed, mode=mode)
