@@ -22,11 +22,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import metrics
-from .data import ArrayDataset, DeviceLoader
+from . import metrics, report
+from .checkpoint import atomic_write_text, read_jsonl
+from .config import TrainConfig
+from .data import ArrayDataset, DeviceLoader, dataset_info, load_dataset
 from .errors import ConfigError
+from .export import results_csv
 from .posterior import Posterior
-from .train import make_generator
+from .train import (
+    build_data, checkpoint_path, load_run, make_generator, resolve_device, subset, tensorboard_writer,
+)
 
 Mode = Literal["batched", "loop"]
 COVERAGES = (0.2, 0.4, 0.6, 0.8)
@@ -72,7 +77,7 @@ def predict(
     num_samples: int = 100,
     seed: int = 0,
     *,
-    mode: Mode = "batched",
+    mode: Mode | Literal["auto"] = "auto",
     chunk: int = 10,
     keep_probs: bool = False,
 ) -> Predictions:
@@ -81,6 +86,7 @@ def predict(
     bayesian = isinstance(net, Posterior)
     k_total = num_samples if bayesian else 1
     device = next(net.parameters()).device
+    mode = choose_mode(device) if mode == "auto" else mode
     labels = torch.cat([y for _, y in loader.batches()])
     n = len(labels)
     ens = aleatoric = mean_probs = kept = None
@@ -206,10 +212,6 @@ def evaluate_run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval."""
-    from . import report
-    from .checkpoint import atomic_write_text, read_jsonl
-    from .data import dataset_info, load_dataset
-    from .train import build_data, checkpoint_path, load_run, resolve_device, subset
 
     if num_samples <= 0:
         raise ConfigError(f"--samples must be > 0, got {num_samples}")
@@ -241,8 +243,6 @@ def evaluate_run(
         ood_scores[name] = {s: (getattr(pred, s).cpu(), getattr(ood_pred, s).cpu()) for s in ("total", "epistemic")}
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
     if cfg.tensorboard:
-        from .train import tensorboard_writer
-
         with tensorboard_writer(run_dir) as writer:
             writer.add_histogram("sampled_model_accuracy", torch.tensor(result["per_sample_accuracy"]), cfg.epochs)
             writer.add_scalar("ensemble_accuracy", result["ensemble"]["accuracy"], cfg.epochs)
@@ -279,8 +279,6 @@ def run_label(cfg: Any) -> str:
 
 def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
     """The paper's columns (lowest / highest / ensemble of K sampled models) and the rest, in %."""
-    from .report import markdown_table
-
     headers = ["run", "lowest", "highest", "mean ± std", "ensemble", "post. mean",
                "ens. NLL", "ECE", "Brier", "AURC", "sel. acc 80%"]
     rows = []
@@ -292,7 +290,7 @@ def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
             f"{e['nll']:.3f}", f"{100 * e['ece']:.2f}", f"{e['brier']:.3f}", f"{100 * r['aurc']['total']:.2f}",
             100 * r["selective"]["total"]["0.8"],
         ])
-    text = markdown_table(headers, rows)
+    text = report.markdown_table(headers, rows)
     text += "\n\nAccuracies in %, over K sampled models each held fixed over the whole test set; "
     text += "ECE with 15 equal-width bins; AURC and selective accuracy rank inputs by total uncertainty.\n"
     ood_rows = [
@@ -300,15 +298,12 @@ def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
         for label, r in results.items() for name, by in r.get("ood", {}).items() for score, v in by.items()
     ]
     if ood_rows:
-        text += "\n" + markdown_table(["run", "OOD set", "score", "AUROC", "AUPR", "FPR@95"], ood_rows) + "\n"
+        text += "\n" + report.markdown_table(["run", "OOD set", "score", "AUROC", "AUPR", "FPR@95"], ood_rows) + "\n"
     return text
 
 
 def compare_runs(runs: list[str | Path], out: str | Path = "runs/compare", csv_path: str | Path | None = None) -> str:
     """Several evaluated runs side by side: one table (compare.md) and one set of plots."""
-    from . import report
-    from .checkpoint import atomic_write_text, read_jsonl
-    from .config import TrainConfig
 
     results, logs = {}, {}
     for run in runs:
@@ -326,8 +321,6 @@ def compare_runs(runs: list[str | Path], out: str | Path = "runs/compare", csv_p
     text = markdown_summary(results)
     atomic_write_text(out / "compare.md", text)
     if csv_path is not None:
-        from .export import results_csv
-
         atomic_write_text(csv_path, results_csv(results))
     report.plot_sample_accuracies(
         {k: [100 * a for a in r["per_sample_accuracy"]] for k, r in results.items()}, out / "sample_accuracies.png")
