@@ -58,8 +58,8 @@ def step_functions(model_name: str, batch: int, device: torch.device, steps: int
     torch.manual_seed(0)
     det = create_model(model_name, in_channels=channels).to(device).train()
     post = Posterior(create_model(model_name, in_channels=channels)).to(device).train()
-    opt_det = torch.optim.Adam(det.parameters(), lr=1e-3)
-    opt_post = torch.optim.Adam(post.parameters(), lr=1e-3)
+    opt_det = torch.optim.Adam(det.parameters(), lr=1e-3, fused=True)  # as asbnn's training loop
+    opt_post = torch.optim.Adam(post.parameters(), lr=1e-3, fused=True)
     free = FreeAdversarialSampler(post, ASConfig(steps=steps))
 
     def run(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:

@@ -115,3 +115,22 @@ def test_any_module_with_buffers_and_vmap():
     batched = torch.func.vmap(lambda e: post(x, e))(eps)
     looped = torch.stack([post(x, e) for e in eps])
     assert torch.allclose(batched, looped, atol=1e-5)
+
+
+def test_hand_written_kl_gradient_matches_autograd():
+    from asbnn.posterior import _ExpSigmaKL
+
+    torch.manual_seed(1)
+    mu = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    rho = (torch.rand(30, dtype=torch.float64) * -3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m, r: _ExpSigmaKL.apply(m, r, 0.15**2), (mu, rho))
+    post = Posterior(small_net(), PosteriorConfig(init_sigma=0.1))
+    with torch.no_grad():
+        post.mu.normal_()
+        post.rho.uniform_(-4, 0)
+    post.kl().backward()
+    mu2, rho2 = post.mu.detach().clone().requires_grad_(), post.rho.detach().clone().requires_grad_()
+    reference = gaussian_kl(mu2, rho2.exp(), 0.15)
+    reference.backward()
+    assert torch.allclose(post.kl(), reference, rtol=1e-5)
+    assert torch.allclose(post.mu.grad, mu2.grad, rtol=1e-5) and torch.allclose(post.rho.grad, rho2.grad, rtol=1e-4)

@@ -75,6 +75,24 @@ def gaussian_kl(mu: Tensor, sigma: Tensor, prior_sigma: float) -> Tensor:
     ).sum()
 
 
+class _ExpSigmaKL(torch.autograd.Function):
+    """sum(-rho + (exp(2 rho) + mu^2) / (2 prior_var)), the non-constant part of the KL for
+    sigma = exp(rho), with its gradient: d/dmu = mu / prior_var, d/drho = exp(2 rho) / prior_var - 1."""
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, rho: Tensor, prior_var: float) -> Tensor:  # type: ignore[override]
+        var = (2 * rho).exp_()
+        ctx.save_for_backward(mu, var)
+        ctx.prior_var = prior_var
+        return (var.sum() + torch.dot(mu, mu)) / (2 * prior_var) - rho.sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        mu, var = ctx.saved_tensors
+        scale = grad / ctx.prior_var
+        return mu * scale, var.mul(scale).sub_(grad), None
+
+
 def select_parameters(
     model: nn.Module,
     exclude: Sequence[str] = (),
@@ -165,8 +183,15 @@ class Posterior(nn.Module):
         return sigma_from_rho(self.rho, self.config.sigma_param)
 
     def kl(self) -> Tensor:
-        """Closed-form KL of the posterior from the prior N(0, prior_sigma^2), summed."""
-        return gaussian_kl(self.mu, self.sigma(), self.config.prior_sigma)
+        """Closed-form KL of the posterior from the prior N(0, prior_sigma^2), summed.
+
+        With sigma = exp(rho), log sigma is rho itself and the gradient is written out by hand: a
+        few passes over the parameters instead of a dozen (it matters for VGG-16's 15 M weights).
+        """
+        if self.config.sigma_param != "exp":
+            return gaussian_kl(self.mu, self.sigma(), self.config.prior_sigma)
+        constant = self.num_bayesian * (math.log(self.config.prior_sigma) - 0.5)
+        return constant + _ExpSigmaKL.apply(self.mu, self.rho, self.config.prior_sigma**2)
 
     def sample_eps(self, generator: torch.Generator | None = None, num_samples: int | None = None) -> Tensor:
         """Standard-normal noise for one sample (shape [P]) or `num_samples` samples ([S, P])."""
@@ -178,7 +203,7 @@ class Posterior(nn.Module):
             if eps != "mean":
                 raise ConfigError(f"eps must be a tensor, None or 'mean', got {eps!r}")
             return self.mu
-        return self.mu + self.sigma() * eps
+        return torch.addcmul(self.mu, self.sigma(), eps)
 
     def weights(self, eps: Tensor | Literal["mean"]) -> dict[str, Tensor]:
         """The sampled Bayesian weights keyed by parameter name, ready for `functional_call`."""
