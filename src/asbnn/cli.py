@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"training {cfg.model} on {cfg.dataset} ({cfg.method}) into {out}")
     train(cfg, out, resume=args.resume, progress=not args.quiet)
     if not args.no_eval and main_process:
-        evaluate_run(out, num_samples=cfg.eval_samples, progress=not args.quiet)
+        evaluate_run(out, num_samples=cfg.eval_samples)  # prints the table even with --quiet
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
