@@ -51,6 +51,7 @@ CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = previous_path(CHECKPOINT).name
 LOG = "log.jsonl"
 EVAL_BATCH = 500
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,10 +225,11 @@ def train_epoch(
     first_bad = torch.full((), -1, device=device)
     seen = skipped = 0
     skip_mode = cfg.nonfinite == "skip"
+    running_stats = [b for name, b in net.named_buffers() if name.rpartition(".")[2] in RUNNING_STATS]
     for step, (x, y) in enumerate(loader.batches(generator)):
         x, y = shard(x, y, ranks)
         if skip_mode:  # a skipped step must not leave NaN in the BatchNorm running statistics
-            saved_buffers = [b.clone() for b in net.buffers()]
+            saved_stats = [b.clone() for b in running_stats]
         with amp:
             if sampler is not None:
                 parts = sampler.loss(x, y, kl_weight=kl_weight, generator=noise)
@@ -242,7 +244,7 @@ def train_epoch(
         loss.backward()
         bar.update(len(y) * ranks.world)
         if skip_mode and reduce((~torch.isfinite(loss.detach())).float(), ranks) > 0:
-            for buffer, saved in zip(net.buffers(), saved_buffers):
+            for buffer, saved in zip(running_stats, saved_stats):
                 buffer.copy_(saved)
             skipped += 1
             continue
