@@ -44,7 +44,7 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_registry_names_and_unknown_name():
-    assert list_datasets() == ["cifar10", "cifar100", "fashion-mnist", "mnist", "tiny-imagenet-val"]
+    assert list_datasets() == ["cifar10", "cifar100", "fashion-mnist", "mnist", "svhn", "tiny-imagenet-val"]
     with pytest.raises(ConfigError) as err:
         dataset_info("cifar-11")
     assert all(name in one_line(err) for name in list_datasets())

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from asbnn.data import cache
+from asbnn.data.matlab import read_mat
 from asbnn.errors import ConfigError, DataError
 
 SPLITS = ("train", "test")
@@ -604,6 +605,35 @@ def _locate_tiny(root: Path, split: str) -> _Source:
                      f"into {folder}")
 
 
+# --------------------------------------------------------------------------------------------
+# SVHN: the official {train,test}_32x32.mat files (MATLAB 5)
+
+_SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+
+
+def _decode_svhn(path: Path) -> ArrayDataset:
+    with _reading(path):
+        arrays = read_mat(path)
+    images, labels = arrays.get("X"), arrays.get("y")
+    if images is None or labels is None:
+        raise DataError(f"{path} lacks the variables X and y of the SVHN release")
+    if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or labels.size != images.shape[3]:
+        raise DataError(f"{path}: expected X of 32x32x3xN and N labels, got X {images.shape}, y {labels.shape}")
+    labels = labels.reshape(-1).astype(np.int64)
+    if labels.min() < 1 or labels.max() > 10:
+        raise DataError(f"{path}: SVHN labels must be 1..10, found {labels.min()}..{labels.max()}")
+    images = np.ascontiguousarray(images.transpose(3, 0, 1, 2)).astype(np.uint8)  # (N, H, W, C)
+    return ArrayDataset(images, labels % 10, [str(d) for d in range(10)])  # label 10 is the digit 0
+
+
+def _locate_svhn(root: Path, split: str) -> _Source:
+    path = root / "svhn" / _SVHN_FILES[split]
+    if not path.is_file():
+        raise _not_found("svhn", split, [path], f"Put {_SVHN_FILES[split]} from "
+                         f"http://ufldl.stanford.edu/housenumbers/ into {root / 'svhn'}")
+    return _Source((path,), lambda: _decode_svhn(path))
+
+
 _REGISTRY: dict[str, _Entry] = {
     "cifar10": _Entry(DatasetInfo("cifar10", 10, 3, 32, CIFAR_MEAN, CIFAR_STD, augment=True),
                       _cifar_locator("cifar10", _CIFAR10, jpeg_fallback=True)),
@@ -614,6 +644,9 @@ _REGISTRY: dict[str, _Entry] = {
                                          "https://github.com/zalandoresearch/fashion-mnist")),
     "mnist": _Entry(DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), augment=False),
                     _idx_locator("mnist", "mnist", MNIST_CLASSES, "http://yann.lecun.com/exdb/mnist/")),
+    # street-view digits: no flips (they would mirror digits); the usual OOD set for CIFAR models
+    "svhn": _Entry(DatasetInfo("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                               augment=False), _locate_svhn),
     # 32x32 natural images like CIFAR's; only ever evaluated, as out-of-distribution data.
     "tiny-imagenet-val": _Entry(DatasetInfo("tiny-imagenet-val", 200, 3, 32, CIFAR_MEAN, CIFAR_STD, augment=True),
                                 _locate_tiny),
