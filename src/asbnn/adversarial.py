@@ -132,22 +132,24 @@ def bayes_loss(
 
     Call `.total.backward()` on the result. Costs N + 2 forward-backward passes with AS, one without.
     """
-    adv = None
+    eps_adv = None
     if config.lam > 0:
         eps_adv = adversarial_eps(
             posterior, x, y, posterior.sample_eps(generator), config.steps, config.step_size,
             bn_policy=config.bn_policy, loss_fn=loss_fn,
         )
-        with frozen_bn_stats(posterior.model, enabled=config.bn_policy == "freeze"):
-            adv = loss_fn(posterior(x, eps_adv), y)
-    return _regular_sample_and_total(posterior, x, y, adv, kl_weight, config, loss_fn, generator)
+    return _equation_3(posterior, x, y, eps_adv, kl_weight, config, loss_fn, generator)
 
 
-def _regular_sample_and_total(
-    posterior: Posterior, x: Tensor, y: Tensor, adv: Tensor | None, kl_weight: float, config: ASConfig,
+def _equation_3(
+    posterior: Posterior, x: Tensor, y: Tensor, eps_adv: Tensor | None, kl_weight: float, config: ASConfig,
     loss_fn: LossFn, generator: torch.Generator | None,
 ) -> LossParts:
-    """Algorithm 1, lines 9-13: L_p at a fresh sample, the KL, and the total of eq. 3."""
+    """Algorithm 1, lines 7-13: L_adv at `eps_adv` (None: plain VI), L_p at a fresh sample, the KL, the total."""
+    adv = None
+    if eps_adv is not None:
+        with frozen_bn_stats(posterior.model, enabled=config.bn_policy == "freeze"):
+            adv = loss_fn(posterior(x, eps_adv), y)
     logits = posterior(x, posterior.sample_eps(generator))
     pred = loss_fn(logits, y)
     kl = posterior.kl()
@@ -194,11 +196,7 @@ class FreeAdversarialSampler:
         generator: torch.Generator | None = None,
     ) -> LossParts:
         """Eq. 3 with the carried eps_adv; call `.total.backward()` on the result as usual."""
-        config, posterior = self.config, self.posterior
-        eps_adv = self._next_eps(generator)
-        with frozen_bn_stats(posterior.model, enabled=config.bn_policy == "freeze"):
-            adv = loss_fn(posterior(x, eps_adv), y)
-        return _regular_sample_and_total(posterior, x, y, adv, kl_weight, config, loss_fn, generator)
+        return _equation_3(self.posterior, x, y, self._next_eps(generator), kl_weight, self.config, loss_fn, generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {"eps": self.eps, "age": self.age, "grad": self._grad}

@@ -353,6 +353,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             if cfg.bayesian:
                 writer.add_histogram("sigma", net.sigma().detach().float().cpu(), epoch + 1)
             writer.flush()
+    if writer is not None:
+        writer.close()
         if progress:
             tqdm.write(_summary(record))
     return out
