@@ -644,3 +644,20 @@ def test_loader_batches_have_canonical_nchw_strides(channels):
     loader = DeviceLoader(data, 4, train=True, mean=(0.5,) * channels, std=(0.5,) * channels, augment=False)
     x, _ = next(loader.batches(torch.Generator().manual_seed(0)))
     assert x.stride() == torch.empty(x.shape).stride()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_loader_channels_last_changes_the_layout_only(channels):
+    """channels_last batches hold the same values in NHWC strides; one-channel ones stay plain NCHW."""
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.integers(0, 256, (20, 6, 6, channels), dtype=np.uint8), np.arange(20), ["a"] * 20)
+    kwargs = dict(mean=(0.5,) * channels, std=(0.25,) * channels, augment=True, crop_padding=2)
+    plain = DeviceLoader(data, 8, train=True, **kwargs)
+    nhwc = DeviceLoader(data, 8, train=True, channels_last=True, **kwargs)
+    for (xa, ya), (xb, yb) in zip(plain.batches(torch.Generator().manual_seed(1)),
+                                  nhwc.batches(torch.Generator().manual_seed(1))):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        if channels == 1:
+            assert xb.stride() == torch.empty(xb.shape).stride()
+        else:
+            assert xb.is_contiguous(memory_format=torch.channels_last) and not xb.is_contiguous()

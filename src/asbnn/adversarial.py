@@ -93,17 +93,20 @@ def adversarial_eps(
 ) -> Tensor:
     """Algorithm 1, lines 2-6: `steps` sign-gradient ascent steps on the loss with respect to eps.
 
-    Only the gradient with respect to eps is computed; the returned tensor is detached.
+    dL/deps = sigma * dL/dw with sigma > 0, so its sign is that of the weight gradient: each pass
+    differentiates with respect to the sampled weights alone (mu and sigma held fixed), which
+    spares a multiplication by sigma and a fresh sigma per pass. The returned tensor is detached.
     """
     eps = eps.detach()
     if steps == 0 or step_size == 0:
         return eps
+    mu, sigma = posterior.mu.detach(), posterior.sigma().detach()
     with frozen_bn_stats(posterior.model, enabled=bn_policy == "freeze"):
         for _ in range(steps):
-            eps.requires_grad_(True)
-            loss = loss_fn(posterior(x, eps), y)
-            (grad,) = torch.autograd.grad(loss, eps)
-            eps = (eps + step_size * grad.sign()).detach()
+            weights = torch.addcmul(mu, sigma, eps).requires_grad_(True)
+            loss = loss_fn(posterior(x, weights=weights), y)
+            (grad,) = torch.autograd.grad(loss, weights)
+            eps = eps.add(grad.sign_(), alpha=step_size)
     return eps
 
 

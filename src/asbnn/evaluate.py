@@ -237,7 +237,7 @@ def evaluate_run(
         # OOD labels name other classes: only the uncertainty scores are used, labels are placeholders
         ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
         loader = DeviceLoader(ood_data, min(500, len(ood_data.labels)), train=False, mean=info.mean,
-                              std=info.std, augment=False, device=dev)
+                              std=info.std, augment=False, device=dev, channels_last=cfg.channels_last)
         ood_pred = predict(net, loader, num_samples=num_samples, seed=seed, mode=mode)
         result.setdefault("ood", {})[name] = ood_summary(pred, ood_pred)
         ood_scores[name] = {s: (getattr(pred, s).cpu(), getattr(ood_pred, s).cpu()) for s in ("total", "epistemic")}

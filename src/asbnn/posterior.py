@@ -209,13 +209,18 @@ class Posterior(nn.Module):
 
     def weights(self, eps: Tensor | Literal["mean"]) -> dict[str, Tensor]:
         """The sampled Bayesian weights keyed by parameter name, ready for `functional_call`."""
-        flat = self.flat_weights(eps)
+        return self._by_name(self.flat_weights(eps))
+
+    def _by_name(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: w.view(s) for n, w, s in zip(self.names, flat.split(self.sizes), self.shapes)}
 
-    def forward(self, x: Tensor, eps: Tensor | Literal["mean"] | None = None) -> Tensor:
-        if eps is None:
-            eps = self.sample_eps()
-        return functional_call(self.model, self.weights(eps), (x,), strict=False)
+    def forward(self, x: Tensor, eps: Tensor | Literal["mean"] | None = None, *, weights: Tensor | None = None) -> Tensor:
+        """The network at mu + sigma * eps, or at flat `weights` the caller has already formed."""
+        if weights is None:
+            weights = self.flat_weights(self.sample_eps() if eps is None else eps)
+        elif eps is not None:
+            raise ConfigError("pass either eps or weights, not both")
+        return functional_call(self.model, self._by_name(weights), (x,), strict=False)
 
     def mean_state_dict(self) -> dict[str, Tensor]:
         """The wrapped model's state dict with the Bayesian weights set to their means.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -96,7 +97,7 @@ def build_data(cfg: TrainConfig, device: torch.device) -> RunData:
         raise DataError(f"the test and training splits of {cfg.dataset} have different classes "
                         f"(e.g. {', '.join(extra[:3]) or 'a different order'}); labels would not match")
     augment = info.augment if cfg.augment is None else cfg.augment
-    common = dict(mean=info.mean, std=info.std, device=device)
+    common = dict(mean=info.mean, std=info.std, device=device, channels_last=cfg.channels_last)
     return RunData(
         info=info,
         train=DeviceLoader(train, cfg.batch_size, train=True, augment=augment, **common),
@@ -199,6 +200,17 @@ def test_accuracy(net: nn.Module, loader: DeviceLoader, eps: Tensor | str | None
     return correct.item() / loader.num_samples
 
 
+def use_amp(device: torch.device, amp: bool) -> bool:
+    """Whether training steps run in bf16 autocast: with `amp`, on hardware with native bf16 matmuls
+    (CUDA GPUs that support bf16, CPUs with AMX); elsewhere bf16 is emulated and slower than fp32."""
+    if not amp:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private API: absent means no
+    return device.type == "cpu" and amx is not None and amx()
+
+
 class TrainingDiverged(AsbnnError):
     """The loss or the parameters became NaN or infinite."""
 
@@ -218,7 +230,7 @@ def train_epoch(
     noise = generator if noise is None else noise
     net.train()
     device = generator.device
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp(device, cfg.amp))
     as_config = cfg.as_config()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -282,6 +294,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if ckpt_file.exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     ranks, device = distributed.setup(resolve_device(cfg.device))
+    if cfg.compile and device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++")):
+        raise ConfigError("compile: true on a CPU needs a C++ compiler (g++ or clang++, or $CXX); install one "
+                          "or set compile: false")
     progress = progress and ranks.is_main
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable sums
@@ -292,10 +307,12 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     state = resume_state(out, cfg, device) if resume else None  # before the data: a bad checkpoint fails fast
     data = build_data(cfg, device)
     net = build_network(cfg, data.info).to(device)
+    # The compiled network runs the training steps; `net` itself is evaluated and checkpointed.
+    step_net = torch.compile(net) if cfg.compile else net
     optimizer = make_optimizer(cfg, net)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (100 * data.train.num_samples)
     free_as = cfg.method == "as" and cfg.as_variant == "free"
-    sampler = FreeAdversarialSampler(net, cfg.as_config()) if free_as else None
+    sampler = FreeAdversarialSampler(step_net, cfg.as_config()) if free_as else None
 
     start = 0
     if state is not None:
@@ -330,7 +347,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                   disable=not progress, leave=False) as bar:
             record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
-            record.update(train_epoch(net, cfg, data.train, optimizer, generator, kl_weight, bar, epoch + 1,
+            record.update(train_epoch(step_net, cfg, data.train, optimizer, generator, kl_weight, bar, epoch + 1,
                                       sampler, ranks, noise))
         record["epoch_time"] = time.perf_counter() - began
         if not ranks.is_main:  # rank 0 alone evaluates, logs and checkpoints
