@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +75,24 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int,
         sync(device)
         times.append(time.perf_counter() - began)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[Any, Callable[[], object]], device: torch.device, repeats: int,
+                        warmup: int = 2) -> dict[Any, float]:
+    """Median seconds of each function, timed in rounds of one call each: the machine's slow drifts
+    (other tenants of a shared VM) then hit every method alike, so their ratios stay meaningful."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[Any, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - began)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def step_functions(model_name: str, batch: int, device: torch.device, steps: int = 5,
@@ -141,7 +162,7 @@ def bench_steps(models: list[str], device: torch.device, repeats: int, setting: 
     for name in models:
         flops = step_flops(name, batch, device)
         fns = step_functions(name, batch, device, setting=setting)
-        times = {method: median_seconds(fn, device, repeats) for method, fn in fns.items()}
+        times = interleaved_medians(fns, device, repeats)
         for method, seconds in times.items():
             rows.append({"model": name, "method": method, "batch": batch, "step_ms": 1000 * seconds,
                          "images_per_s": batch / seconds, "ratio": seconds / times["deterministic"],
@@ -152,21 +173,24 @@ def bench_steps(models: list[str], device: torch.device, repeats: int, setting: 
 
 
 def bench_settings(model: str, device: torch.device, repeats: int, batch: int = 100) -> list[dict]:
-    """Each speed setting alone, and all together, against the plain fp32 eager step."""
+    """Each speed setting alone, and all together, against the plain fp32 eager step (all timed interleaved)."""
     variants = [Setting(), Setting(channels_last=True), Setting(precision="bf16"), Setting(compile=True),
                 Setting("bf16", channels_last=True, compile=True)]
-    rows = []
+    fns, first_s = {}, {}
     for setting in variants:
-        fns = step_functions(model, batch, device, setting=setting, methods=("deterministic", "vi", "as"))
+        steps = step_functions(model, batch, device, setting=setting, methods=("deterministic", "vi", "as"))
         began = time.perf_counter()
-        for fn in fns.values():  # the first call compiles (when compiling): timed on its own
+        for fn in steps.values():  # the first call compiles (when compiling): timed on its own
             fn()
         sync(device)
-        first_s = time.perf_counter() - began
-        times = {method: 1000 * median_seconds(fn, device, repeats) for method, fn in fns.items()}
-        rows.append({"model": model, "setting": setting.label, "first_calls_s": first_s,
-                     **{f"{m}_ms": t for m, t in times.items()}})
-        print(f"{model} {setting.label}: " + ", ".join(f"{m} {t:.1f} ms" for m, t in times.items()), flush=True)
+        first_s[setting.label] = time.perf_counter() - began
+        fns.update({(setting.label, method): fn for method, fn in steps.items()})
+    times = interleaved_medians(fns, device, repeats, warmup=1)
+    rows = []
+    for setting in variants:
+        row = {f"{m}_ms": 1000 * times[(setting.label, m)] for m in ("deterministic", "vi", "as")}
+        rows.append({"model": model, "setting": setting.label, "first_calls_s": first_s[setting.label], **row})
+        print(f"{model} {setting.label}: " + ", ".join(f"{m} {t:.1f}" for m, t in row.items()), flush=True)
     return rows
 
 
@@ -291,6 +315,8 @@ def main() -> None:
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    # compile times as a first run pays them: not from a cache an earlier run left on disk
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="asbnn-bench-inductor-"))
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if use_amp(device, True) else "fp32")
     setting = Setting(precision, args.channels_last, args.compile)
