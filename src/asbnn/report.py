@@ -13,6 +13,7 @@ read as fractions, anything larger as percent already; figures always show perce
 from __future__ import annotations
 
 import functools
+import io
 import math
 import numbers
 import re
@@ -27,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from asbnn.checkpoint import atomic_write_bytes
 from asbnn.errors import ConfigError
 
 DPI = 150
@@ -123,9 +125,11 @@ def _figure(ncols: int = 1, width: float = 4.2, height: float = 3.0) -> Figure:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Write the PNG atomically: a killed run never leaves a half-written plot behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
