@@ -29,7 +29,7 @@ from .checkpoint import atomic_write_text, read_jsonl
 from .config import make_config
 from .errors import ConfigError
 from .evaluate import evaluate_run
-from .train import CHECKPOINT, train
+from .train import CHECKPOINT, resolve_device, train, use_amp
 
 TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")
 CHEAP_EPOCH_FACTOR = 3  # free AS (2 passes) at 3x the epochs costs about what standard AS (N + 2) does
@@ -252,7 +252,8 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         log = read_jsonl(train_dir / "log.jsonl")
         meta = {
             "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "columns": exp.columns, "scale": scale,
-            "code": code_fingerprint(), "machine": machine(),
+            "code": code_fingerprint(),
+            "machine": f"{machine()}, training steps in {'bf16' if use_amp(resolve_device(cfg.device), cfg.amp) else 'fp32'}",
             "train_seconds": sum(r["epoch_time"] for r in log), "eval_seconds": result["timing"]["seconds"],
             "this_call_seconds": time.perf_counter() - began,
             "command": f"asbnn train {train_dir / 'config.yaml'} --out {train_dir} --resume",
