@@ -23,6 +23,7 @@ def test_short_training_clearly_beats_chance(shared_data, tmp_path, method):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     assert log[-1]["test_acc"] > 0.4  # chance is 0.1
+    assert log[-1]["precision"] == ("bf16" if train_module.use_amp(torch.device("cpu"), True) else "fp32")
     if method != "deterministic":
         assert log[-1]["test_acc_sample"] > 0.4
         assert {"kl", "mean_sigma", "train_loss", "train_acc", "epoch_time"} <= set(log[-1])
@@ -61,6 +62,19 @@ def test_existing_run_needs_resume_and_the_same_config(shared_data, tmp_path):
         train(cfg, tmp_path / "run", progress=False)
     with pytest.raises(CheckpointError, match="different config"):
         train(small(shared_data, method="vi", epochs=1, lr=0.1), tmp_path / "run", resume=True, progress=False)
+
+
+def test_resume_accepts_speed_switches_and_checkpoints_of_older_versions(shared_data, tmp_path):
+    train(small(shared_data, method="vi", epochs=1), tmp_path / "run", progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["channels_last"], state["config"]["compile"]  # as written before these keys existed
+    torch.save(state, ckpt)
+    train(small(shared_data, method="vi", epochs=1, channels_last=True), tmp_path / "run", resume=True, progress=False)
+    state["config"]["from_the_future"] = 1  # a key only a newer version knows
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match="different config"):
+        train(small(shared_data, method="vi", epochs=1), tmp_path / "run", resume=True, progress=False)
 
 
 def test_bayesian_fine_tune_starts_from_the_deterministic_weights(shared_data, tmp_path):

@@ -216,6 +216,22 @@ def validate(cfg: TrainConfig) -> None:
              kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy)
 
 
+#: Keys that change how fast a run goes or what it writes, not what it learns: a run may resume with others.
+RESUMABLE_CHANGES = frozenset({"compile", "channels_last", "tensorboard"})
+
+
+def same_run(stored: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's config is the run `cfg` describes. Keys the checkpoint's (older) version
+    did not have count as their defaults; `RESUMABLE_CHANGES` may differ."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(TrainConfig)}
+    current = cfg.to_dict()
+    if not stored.keys() <= current.keys():  # written by a newer version
+        return False
+    stored = {**defaults, **stored}
+    return all(stored[key] == value for key, value in current.items() if key not in RESUMABLE_CHANGES)
+
+
 def _check_keys(values: dict[str, Any], source: str) -> None:
     names = list(_field_types())
     for key in values:

@@ -41,7 +41,7 @@ from .checkpoint import (
     save_checkpoint,
     writing,
 )
-from .config import TrainConfig, save_yaml
+from .config import TrainConfig, same_run, save_yaml
 from .distributed import Ranks, average_gradients, barrier, reduce, shard
 from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, load_dataset
 from .errors import AsbnnError, CheckpointError, ConfigError, DataError
@@ -309,6 +309,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     net = build_network(cfg, data.info).to(device)
     # The compiled network runs the training steps; `net` itself is evaluated and checkpointed.
     step_net = torch.compile(net) if cfg.compile else net
+    precision = "bf16" if use_amp(device, cfg.amp) else "fp32"  # of the training steps, logged per epoch
     optimizer = make_optimizer(cfg, net)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (100 * data.train.num_samples)
     free_as = cfg.method == "as" and cfg.as_variant == "free"
@@ -346,7 +347,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         began = time.perf_counter()
         with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                   disable=not progress, leave=False) as bar:
-            record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "precision": precision}
             record.update(train_epoch(step_net, cfg, data.train, optimizer, generator, kl_weight, bar, epoch + 1,
                                       sampler, ranks, noise))
         record["epoch_time"] = time.perf_counter() - began
@@ -365,7 +366,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         barrier(ranks)
         if writer is not None:
             for key, value in record.items():
-                if key != "epoch":
+                if key != "epoch" and isinstance(value, (int, float)):
                     writer.add_scalar(key, value, epoch + 1)
             if cfg.bayesian:
                 writer.add_histogram("sigma", net.sigma().detach().float().cpu(), epoch + 1)
@@ -402,7 +403,7 @@ def resume_state(out: Path, cfg: TrainConfig, device: torch.device) -> dict[str,
         except DamagedCheckpoint as err:
             damaged.append(err)
             continue
-        if state["config"] != cfg.to_dict():
+        if not same_run(state["config"], cfg):
             raise CheckpointError(f"{out} holds a run with a different config; start a new --out")
         if path == prev:
             problem = damaged[0] if damaged else f"{ckpt} is missing"
