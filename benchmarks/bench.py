@@ -157,7 +157,8 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def bench_steps(models: list[str], device: torch.device, repeats: int, setting: Setting, batch: int = 100) -> list[dict]:
+def bench_steps(models: list[str], device: torch.device, repeats: int, setting: Setting,
+                batch: int = 100) -> list[dict]:
     rows = []
     for name in models:
         flops = step_flops(name, batch, device)
@@ -268,7 +269,8 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {result['machine']}, torch {result['torch']}, {result['date']}; steps in {s}.",
              f"Peak for FLOP/s: a large matmul reaches {result['matmul_tflops']:.2f} TFLOP/s here"
              + (f" (spec sheet: {result['spec_tflops']:.0f})." if result.get("spec_tflops") else "."), "",
-             "| model | method | step ms | images/s | x deterministic | GFLOP/step | TFLOP/s | % of matmul peak | peak GiB |",
+             "| model | method | step ms | images/s | x deterministic | GFLOP/step | TFLOP/s | % of matmul peak "
+             "| peak GiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["steps"]:
         memory = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"

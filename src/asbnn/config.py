@@ -74,7 +74,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast for training steps where native (CUDA, CPUs with AMX); eval stays fp32
     channels_last: bool = False  # NHWC image batches: faster for ResNets, slower for VGG on CPU (docs/benchmarks.md)
-    compile: bool = False  # torch.compile the training steps (tens of seconds of compiling first)
+    compile: bool = False  # torch.compile the training steps (a minute or two of compiling first)
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always bitwise repeatable
     eval_samples: int = 100
     tensorboard: bool = False  # also write TensorBoard event files (scalars, sigma histograms) to RUN/tensorboard

@@ -214,7 +214,9 @@ class Posterior(nn.Module):
     def _by_name(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: w.view(s) for n, w, s in zip(self.names, flat.split(self.sizes), self.shapes)}
 
-    def forward(self, x: Tensor, eps: Tensor | Literal["mean"] | None = None, *, weights: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, eps: Tensor | Literal["mean"] | None = None, *, weights: Tensor | None = None,
+    ) -> Tensor:
         """The network at mu + sigma * eps, or at flat `weights` the caller has already formed."""
         if weights is None:
             weights = self.flat_weights(self.sample_eps() if eps is None else eps)

@@ -250,10 +250,10 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         train(cfg, train_dir, resume=(train_dir / CHECKPOINT).exists(), progress=progress)
         result = evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False)
         log = read_jsonl(train_dir / "log.jsonl")
+        precision = "bf16" if use_amp(resolve_device(cfg.device), cfg.amp) else "fp32"
         meta = {
             "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "columns": exp.columns, "scale": scale,
-            "code": code_fingerprint(),
-            "machine": f"{machine()}, training steps in {'bf16' if use_amp(resolve_device(cfg.device), cfg.amp) else 'fp32'}",
+            "code": code_fingerprint(), "machine": f"{machine()}, training steps in {precision}",
             "train_seconds": sum(r["epoch_time"] for r in log), "eval_seconds": result["timing"]["seconds"],
             "this_call_seconds": time.perf_counter() - began,
             "command": f"asbnn train {train_dir / 'config.yaml'} --out {train_dir} --resume",

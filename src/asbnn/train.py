@@ -294,7 +294,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if ckpt_file.exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     ranks, device = distributed.setup(resolve_device(cfg.device))
-    if cfg.compile and device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "clang++")):
+    compilers = (os.environ.get("CXX", "g++"), "clang++")
+    if cfg.compile and device.type == "cpu" and not any(shutil.which(c) for c in compilers):
         raise ConfigError("compile: true on a CPU needs a C++ compiler (g++ or clang++, or $CXX); install one "
                           "or set compile: false")
     progress = progress and ranks.is_main
