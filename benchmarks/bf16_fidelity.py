@@ -1,13 +1,14 @@
-"""Does Adversarial Sampling survive bf16 mixed precision? Measured on a trained run.
+"""Does Adversarial Sampling (and evaluation) survive bf16 mixed precision? Measured on a trained run.
 
-    python benchmarks/bf16_fidelity.py RUN [--batches 5] [--out benchmarks/results/bf16_fidelity.json]
+    python benchmarks/bf16_fidelity.py RUN [--batches 5] [--eval-samples 20] [--out benchmarks/results/bf16_fidelity.json]
 
 Under bf16 autocast each sampled weight w = mu + sigma * eps is rounded to 8 significant bits
 inside every convolution, while a sign step moves it by only alpha * sigma (0.02 sigma). This
 script runs the search of Algorithm 1 on training batches of RUN in fp32 and in bf16 and reports,
 for each: the loss increase it finds (measured in fp32 at the eps it returns), the share of
 gradient signs that agree with fp32, and how much of the fp32 weight displacement w_adv - w is
-still there after rounding the weights to bf16.
+still there after rounding the weights to bf16. Then it evaluates `--eval-samples` sampled
+models on RUN's test set in fp32 and in bf16 (`asbnn eval --amp`): time and metrics side by side.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from asbnn.adversarial import adversarial_eps, frozen_bn_stats
+from asbnn.evaluate import summarize, timed_predict
 from asbnn.train import build_data, load_run, make_generator
 
 
@@ -27,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--eval-samples", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/bf16_fidelity.json")
     args = parser.parse_args()
     net, cfg, _ = load_run(args.run)
@@ -65,6 +68,11 @@ def main() -> None:
     summary = {"run": args.run, "model": cfg.model, "dataset": cfg.dataset, "epochs": cfg.epochs,
                "mean_sigma": net.sigma().mean().item(), "median_abs_mu": net.mu.abs().median().item(),
                "steps": steps, "step_size": alpha, "mean": mean, "batches": rows}
+    summary["evaluation"] = {}
+    for precision in ("fp32", "bf16"):
+        pred, seconds = timed_predict(net, data.test, num_samples=args.eval_samples, mode="loop", amp=precision == "bf16")
+        result = summarize(pred)
+        summary["evaluation"][precision] = {"seconds": seconds, **{k: result[k] for k in ("sampled", "ensemble", "uncertainty")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "batches"}, indent=1))

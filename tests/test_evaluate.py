@@ -39,6 +39,16 @@ def test_batched_and_looped_evaluation_agree(loaded):
     assert torch.allclose(acc, looped.sample_correct, atol=2)
 
 
+def test_bf16_evaluation_is_close_to_fp32(loaded):
+    net, test = loaded
+    fp32 = predict(net, test, num_samples=4, seed=3)
+    bf16 = predict(net, test, num_samples=4, seed=3, amp=True)
+    assert not torch.equal(bf16.ensemble_probs, fp32.ensemble_probs)  # the forward passes really ran in bf16
+    assert (bf16.ensemble_probs - fp32.ensemble_probs).abs().max() < 0.05
+    assert (bf16.sample_correct - fp32.sample_correct).abs().max() <= 0.01 * len(fp32.labels)
+    assert (bf16.ensemble_probs.argmax(1) == fp32.ensemble_probs.argmax(1)).float().mean() > 0.98
+
+
 def test_same_seed_same_numbers_and_other_seed_other_samples(loaded):
     net, test = loaded
     a = summarize(predict(net, test, num_samples=5, seed=1))

@@ -58,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_run
 
     evaluate_run(args.run, num_samples=args.samples, seed=args.seed, ood=args.ood, data_root=args.data_root,
-                 out=args.out, mode=args.mode, save_probs=args.save_probs, device=args.device)
+                 out=args.out, mode=args.mode, save_probs=args.save_probs, device=args.device, amp=args.amp)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["auto", "batched", "loop"], default="auto")
     p.add_argument("--save-probs", action="store_true", help="also save per-sample probabilities (npz)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 forward passes: ~2x faster on GPUs and AMX CPUs, metrics move by ~0.1 point")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="put several evaluated runs side by side")
