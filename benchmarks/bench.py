@@ -35,7 +35,7 @@ from asbnn.data import ArrayDataset, DeviceLoader
 from asbnn.evaluate import predict
 from asbnn.models import create_model
 from asbnn.posterior import Posterior
-from asbnn.train import use_amp
+from asbnn.train import step_precision
 
 SHAPES = {"lenet5": (1, 28), "resnet20": (3, 32), "resnet56": (3, 32), "vgg16_bn": (3, 32)}
 METHODS = ("deterministic", "vi", "as", "free_as")
@@ -64,19 +64,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns: dict[Any, Callable[[], object]], device: torch.device, repeats: int,
                         warmup: int = 2) -> dict[Any, float]:
     """Median seconds of each function, timed in rounds of one call each: the machine's slow drifts
@@ -93,6 +80,10 @@ def interleaved_medians(fns: dict[Any, Callable[[], object]], device: torch.devi
             sync(device)
             times[name].append(time.perf_counter() - began)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    return interleaved_medians({"only": fn}, device, repeats, warmup)["only"]
 
 
 def step_functions(model_name: str, batch: int, device: torch.device, steps: int = 5,
@@ -320,7 +311,7 @@ def main() -> None:
     # compile times as a first run pays them: not from a cache an earlier run left on disk
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="asbnn-bench-inductor-"))
     device = torch.device(args.device)
-    precision = args.precision or ("bf16" if use_amp(device, True) else "fp32")
+    precision = args.precision or step_precision(device, amp=True)
     setting = Setting(precision, args.channels_last, args.compile)
     machine = machine_name(device)
     out = Path(args.out)

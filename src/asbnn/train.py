@@ -200,6 +200,11 @@ def test_accuracy(net: nn.Module, loader: DeviceLoader, eps: Tensor | str | None
     return correct.item() / loader.num_samples
 
 
+def step_precision(device: torch.device, amp: bool) -> str:
+    """"bf16" or "fp32": what the training steps of a run with `amp` compute in on `device`."""
+    return "bf16" if use_amp(device, amp) else "fp32"
+
+
 def use_amp(device: torch.device, amp: bool) -> bool:
     """Whether training steps run in bf16 autocast: with `amp`, on hardware with native bf16 matmuls
     (CUDA GPUs that support bf16, CPUs with AMX); elsewhere bf16 is emulated and slower than fp32."""
@@ -310,7 +315,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     net = build_network(cfg, data.info).to(device)
     # The compiled network runs the training steps; `net` itself is evaluated and checkpointed.
     step_net = torch.compile(net) if cfg.compile else net
-    precision = "bf16" if use_amp(device, cfg.amp) else "fp32"  # of the training steps, logged per epoch
+    precision = step_precision(device, cfg.amp)  # logged per epoch
     optimizer = make_optimizer(cfg, net)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (100 * data.train.num_samples)
     free_as = cfg.method == "as" and cfg.as_variant == "free"
