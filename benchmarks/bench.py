@@ -128,14 +128,6 @@ def count_flops(fn: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-def step_flops(model_name: str, batch: int, device: torch.device, steps: int = 5) -> dict[str, float]:
-    """FLOPs of each method's step. The counter's module hooks cannot follow `autograd.grad`, so
-    the AS steps are counted as what they run: N + 1 (AS) or 1 (free AS) more passes of a VI step."""
-    fns = step_functions(model_name, batch, device, methods=("deterministic", "vi"))
-    flops = {method: count_flops(fn) for method, fn in fns.items()}
-    return {**flops, "as": (steps + 2) * flops["vi"], "free_as": 2 * flops["vi"]}
-
-
 def peak_memory(fn: Callable[[], None], device: torch.device) -> float | None:
     """Peak GPU memory (GiB) of one call after warm-up; None on a CPU, which keeps no such count."""
     if device.type != "cuda":
@@ -152,7 +144,7 @@ def bench_steps(models: list[str], device: torch.device, repeats: int, setting: 
                 batch: int = 100) -> list[dict]:
     rows = []
     for name in models:
-        flops = step_flops(name, batch, device)
+        flops = {method: count_flops(fn) for method, fn in step_functions(name, batch, device).items()}  # fp32 eager
         fns = step_functions(name, batch, device, setting=setting)
         times = interleaved_medians(fns, device, repeats)
         for method, seconds in times.items():

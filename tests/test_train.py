@@ -60,21 +60,44 @@ def test_existing_run_needs_resume_and_the_same_config(shared_data, tmp_path):
     train(cfg, tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg, tmp_path / "run", progress=False)
-    with pytest.raises(CheckpointError, match="different config"):
+    with pytest.raises(CheckpointError, match=r"different config \(lr\)"):
         train(small(shared_data, method="vi", epochs=1, lr=0.1), tmp_path / "run", resume=True, progress=False)
 
 
-def test_resume_accepts_speed_switches_and_checkpoints_of_older_versions(shared_data, tmp_path):
-    train(small(shared_data, method="vi", epochs=1), tmp_path / "run", progress=False)
+def test_resume_accepts_speed_switches_and_older_checkpoints_but_not_another_precision(
+        shared_data, tmp_path, monkeypatch):
+    cfg = small(shared_data, method="vi", epochs=2, train_subset=1000)
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     ckpt = tmp_path / "run" / "checkpoint.pt"
+    first = torch.load(ckpt, weights_only=False)
+
+    other = "fp32" if first["precision"] == "bf16" else "bf16"
+    torch.save({**first, "precision": other}, ckpt)
+    with pytest.raises(CheckpointError, match=f"trained in {other}"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+
+    older = {**first, "config": {k: v for k, v in first["config"].items() if k not in ("channels_last", "compile")}}
+    del older["precision"]  # as written before these keys existed
+    torch.save(older, ckpt)
+    faster = small(shared_data, method="vi", epochs=2, train_subset=1000, channels_last=True)
+    train(faster, tmp_path / "run", resume=True, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
     state = torch.load(ckpt, weights_only=False)
-    del state["config"]["channels_last"], state["config"]["compile"]  # as written before these keys existed
-    torch.save(state, ckpt)
-    train(small(shared_data, method="vi", epochs=1, channels_last=True), tmp_path / "run", resume=True, progress=False)
     state["config"]["from_the_future"] = 1  # a key only a newer version knows
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match="different config"):
-        train(small(shared_data, method="vi", epochs=1), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="from_the_future"):
+        train(faster, tmp_path / "run", resume=True, progress=False)
 
 
 def test_bayesian_fine_tune_starts_from_the_deterministic_weights(shared_data, tmp_path):

@@ -73,7 +73,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     amp: bool = True  # bf16 autocast for training steps where native (CUDA, CPUs with AMX); eval stays fp32
-    channels_last: bool = False  # NHWC image batches: faster for ResNets, slower for VGG on CPU (docs/benchmarks.md)
+    channels_last: bool = False  # NHWC image batches: faster for ResNet-20, slower for VGG on CPU (docs/benchmarks.md)
     compile: bool = False  # torch.compile the training steps (a minute or two of compiling first)
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always bitwise repeatable
     eval_samples: int = 100
@@ -216,20 +216,20 @@ def validate(cfg: TrainConfig) -> None:
              kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy)
 
 
-#: Keys that change how fast a run goes or what it writes, not what it learns: a run may resume with others.
+#: Keys that change how fast a run goes or what it writes, not what it computes (up to the last bits
+#: of rounding): a run may resume with other values.
 RESUMABLE_CHANGES = frozenset({"compile", "channels_last", "tensorboard"})
 
 
-def same_run(stored: dict[str, Any], cfg: TrainConfig) -> bool:
-    """Whether a checkpoint's config is the run `cfg` describes. Keys the checkpoint's (older) version
-    did not have count as their defaults; `RESUMABLE_CHANGES` may differ."""
+def changed_keys(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The keys in which a checkpoint's config differs from `cfg`, apart from `RESUMABLE_CHANGES`.
+    Keys an older version did not write count as their defaults; keys this version does not know differ."""
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
                 for f in dataclasses.fields(TrainConfig)}
     current = cfg.to_dict()
-    if not stored.keys() <= current.keys():  # written by a newer version
-        return False
+    unknown = sorted(set(stored) - set(current))
     stored = {**defaults, **stored}
-    return all(stored[key] == value for key, value in current.items() if key not in RESUMABLE_CHANGES)
+    return unknown + [key for key, value in current.items() if key not in RESUMABLE_CHANGES and stored[key] != value]
 
 
 def _check_keys(values: dict[str, Any], source: str) -> None:

@@ -29,7 +29,7 @@ from .checkpoint import atomic_write_text, read_jsonl
 from .config import make_config
 from .errors import ConfigError
 from .evaluate import evaluate_run
-from .train import CHECKPOINT, resolve_device, step_precision, train
+from .train import CHECKPOINT, train
 
 TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")
 CHEAP_EPOCH_FACTOR = 3  # free AS (2 passes) at 3x the epochs costs about what standard AS (N + 2) does
@@ -250,7 +250,7 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         train(cfg, train_dir, resume=(train_dir / CHECKPOINT).exists(), progress=progress)
         result = evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False)
         log = read_jsonl(train_dir / "log.jsonl")
-        precision = step_precision(resolve_device(cfg.device), cfg.amp)
+        precision = " and ".join(sorted({r.get("precision", "unknown precision") for r in log}))
         meta = {
             "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "columns": exp.columns, "scale": scale,
             "code": code_fingerprint(), "machine": f"{machine()}, training steps in {precision}",

@@ -41,7 +41,7 @@ from .checkpoint import (
     save_checkpoint,
     writing,
 )
-from .config import TrainConfig, same_run, save_yaml
+from .config import TrainConfig, changed_keys, save_yaml
 from .distributed import Ranks, average_gradients, barrier, reduce, shard
 from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, load_dataset
 from .errors import AsbnnError, CheckpointError, ConfigError, DataError
@@ -201,7 +201,7 @@ def test_accuracy(net: nn.Module, loader: DeviceLoader, eps: Tensor | str | None
 
 
 def step_precision(device: torch.device, amp: bool) -> str:
-    """"bf16" or "fp32": what the training steps of a run with `amp` compute in on `device`."""
+    """What the training steps of a run with `amp` compute in on `device`: "bf16" or "fp32"."""
     return "bf16" if use_amp(device, amp) else "fp32"
 
 
@@ -299,10 +299,10 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     if ckpt_file.exists() and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     ranks, device = distributed.setup(resolve_device(cfg.device))
-    compilers = (os.environ.get("CXX", "g++"), "clang++")
-    if cfg.compile and device.type == "cpu" and not any(shutil.which(c) for c in compilers):
-        raise ConfigError("compile: true on a CPU needs a C++ compiler (g++ or clang++, or $CXX); install one "
-                          "or set compile: false")
+    compiler = os.environ.get("CXX", "g++")  # the one torch.compile's CPU backend calls
+    if cfg.compile and device.type == "cpu" and not shutil.which(compiler):
+        raise ConfigError(f"compile: true on a CPU needs the C++ compiler {compiler} ($CXX, else g++); install "
+                          "it or set compile: false")
     progress = progress and ranks.is_main
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable sums
@@ -364,7 +364,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         append_jsonl(out / LOG, record)
         state = {
             "kind": "posterior" if cfg.bayesian else "deterministic",
-            "config": cfg.to_dict(), "epoch": epoch + 1,
+            "config": cfg.to_dict(), "epoch": epoch + 1, "precision": precision,
             "net": net.state_dict(), "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict() if sampler is not None else None,
         }
@@ -409,8 +409,15 @@ def resume_state(out: Path, cfg: TrainConfig, device: torch.device) -> dict[str,
         except DamagedCheckpoint as err:
             damaged.append(err)
             continue
-        if not same_run(state["config"], cfg):
-            raise CheckpointError(f"{out} holds a run with a different config; start a new --out")
+        changed = changed_keys(state["config"], cfg)
+        if changed:
+            raise CheckpointError(f"{out} holds a run with a different config ({', '.join(changed)}); "
+                                  "start a new --out")
+        precision = step_precision(device, cfg.amp)
+        if state.get("precision", precision) != precision:  # checkpoints before 2026-11-27 do not say
+            raise CheckpointError(f"{out} trained in {state['precision']}, and this machine would continue it in "
+                                  f"{precision} (bf16 runs where CUDA or AMX has it); resume it on a machine like "
+                                  "the one that started it")
         if path == prev:
             problem = damaged[0] if damaged else f"{ckpt} is missing"
             print(f"asbnn: warning: {problem}; resuming from {prev} (epoch {state['epoch']})", file=sys.stderr)
