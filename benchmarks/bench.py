@@ -32,10 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from asbnn.adversarial import ASConfig, FreeAdversarialSampler, bayes_loss
 from asbnn.data import ArrayDataset, DeviceLoader
-from asbnn.evaluate import predict
+from asbnn.evaluate import sampled_predictions
 from asbnn.models import create_model
 from asbnn.posterior import Posterior
-from asbnn.train import step_precision
+from asbnn.hardware import step_precision
 
 SHAPES = {"lenet5": (1, 28), "resnet20": (3, 32), "resnet56": (3, 32), "vgg16_bn": (3, 32)}
 METHODS = ("deterministic", "vi", "as", "free_as")
@@ -205,7 +205,7 @@ def bench_eval(model: str, device: torch.device, repeats: int, images: int, samp
     post = Posterior(create_model(model, in_channels=channels)).to(device).eval()
     out = {"model": model, "measured_samples": samples, "measured_images": images}
     for mode in ("loop", "batched"):
-        seconds = median_seconds(lambda: predict(post, loader, samples, mode=mode, chunk=samples), device,
+        seconds = median_seconds(lambda: sampled_predictions(post, loader, samples, mode=mode, chunk=samples), device,
                                  repeats, warmup=1)
         out[f"{mode}_s_for_100x10000"] = seconds * (100 / samples) * (10000 / images)
     out["batched_speedup"] = out["loop_s_for_100x10000"] / out["batched_s_for_100x10000"]

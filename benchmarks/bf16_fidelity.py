@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from asbnn.adversarial import adversarial_eps, frozen_bn_stats
-from asbnn.evaluate import summarize, timed_predict
-from asbnn.train import build_data, load_run, make_generator
+from asbnn.build import build_data
+from asbnn.evaluate import summarize, timed_predictions
+from asbnn.runfolder import load_run
+from asbnn.streams import make_generator
 
 
 def main() -> None:
@@ -70,7 +72,7 @@ def main() -> None:
                "steps": steps, "step_size": alpha, "mean": mean, "batches": rows}
     summary["evaluation"] = {}
     for precision in ("fp32", "bf16"):
-        pred, seconds = timed_predict(net, data.test, num_samples=args.eval_samples, mode="loop", amp=precision == "bf16")
+        pred, seconds = timed_predictions(net, data.test, num_samples=args.eval_samples, mode="loop", amp=precision == "bf16")
         result = summarize(pred)
         summary["evaluation"][precision] = {"seconds": seconds, **{k: result[k] for k in ("sampled", "ensemble", "uncertainty")}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real offline data sets beside the repo, and a private array cache."""
+"""Shared fixtures: the real offline data sets beside the repo, and a decoded-array cache for tests."""
 
 import os
 from pathlib import Path
@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 
 SHARED_DATA = Path(os.environ.get("ASBNN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+#: Outside the repo and apart from the user's own cache; kept between test runs, so the 70,000 JPEGs of
+#: cifar10-jpeg are decoded once per machine, not once per run. Entries are keyed by their source files
+#: (path, size, mtime: `asbnn.data.cache`), so a changed data set is decoded again.
+TEST_CACHE = Path(os.environ.get("ASBNN_TEST_CACHE", Path.home() / ".cache" / "asbnn-test" / "arrays"))
 
 
 @pytest.fixture(scope="session")
@@ -16,12 +20,11 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory):
-    """Decoded arrays go to a cache private to this test session, never the user's."""
-    cache = tmp_path_factory.mktemp("asbnn-cache")
+def array_cache():
+    """Decoded arrays go to the test cache, never the user's."""
     old = os.environ.get("ASBNN_CACHE")
-    os.environ["ASBNN_CACHE"] = str(cache)
-    yield cache
+    os.environ["ASBNN_CACHE"] = str(TEST_CACHE)
+    yield TEST_CACHE
     if old is None:
         os.environ.pop("ASBNN_CACHE", None)
     else:

@@ -1,7 +1,7 @@
 """Data readers, cache, download and DeviceLoader, on the real offline copies and on tiny archives
 built here in the official layouts (the official CIFAR pickles are not available offline).
 
-Uses conftest's `shared_data` (the real data sets) and its session-private ASBNN_CACHE.
+Uses conftest's `shared_data` (the real data sets) and its test cache (ASBNN_CACHE).
 """
 
 import gzip
@@ -113,14 +113,14 @@ def cifar10(shared_data) -> dict[str, ArrayDataset]:
     return {split: load_dataset("cifar10", split, shared_data) for split in ("train", "test")}
 
 
-def test_cifar10_jpeg_tar(cifar10, shared_data, private_cache):
+def test_cifar10_jpeg_tar(cifar10, shared_data, array_cache):
     for split, per_class in (("train", 5000), ("test", 1000)):
         data = cifar10[split]
         assert data.images.shape == (10 * per_class, 32, 32, 3) and data.images.dtype == np.uint8
         assert data.classes == CIFAR10_CLASSES
         assert np.bincount(data.labels).tolist() == [per_class] * 10
         assert 60 < data.images.mean() < 180  # real pictures, not blank
-        assert len(list(private_cache.glob(f"cifar10-{split}-*.npz"))) == 1
+        assert len(list(array_cache.glob(f"cifar10-{split}-*.npz"))) == 1
     again = load_dataset("cifar10", "test", shared_data)  # from the cache
     assert np.array_equal(again.images, cifar10["test"].images)
     assert np.array_equal(again.labels, cifar10["test"].labels)

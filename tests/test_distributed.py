@@ -13,6 +13,7 @@ import pytest
 import torch
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+pytestmark = pytest.mark.slow  # multi-process
 
 
 def command(shared_data, out, *overrides, processes=2):
@@ -23,8 +24,8 @@ def command(shared_data, out, *overrides, processes=2):
     return [str(TORCHRUN), "--standalone", f"--nproc_per_node={processes}", "-m", "asbnn.cli", *args]
 
 
-def run(cmd, private_cache):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASBNN_CACHE": str(private_cache)}
+def run(cmd, array_cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASBNN_CACHE": str(array_cache)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -39,21 +40,21 @@ def needs_torchrun():
         pytest.fail(f"torchrun not found next to {sys.executable}")
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(shared_data, tmp_path, private_cache):
+def test_two_processes_equal_one_process_with_the_same_global_batch(shared_data, tmp_path, array_cache):
     overrides = ("model=mlp", "method=deterministic", "epochs=1", "amp=false")  # fp32: sums in any split agree
-    run(command(shared_data, tmp_path / "one", *overrides, processes=1), private_cache)
-    run(command(shared_data, tmp_path / "two", *overrides), private_cache)
+    run(command(shared_data, tmp_path / "one", *overrides, processes=1), array_cache)
+    run(command(shared_data, tmp_path / "two", *overrides), array_cache)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
-def test_bayesian_data_parallel_training_learns_and_resumes(shared_data, tmp_path, private_cache):
+def test_bayesian_data_parallel_training_learns_and_resumes(shared_data, tmp_path, array_cache):
     overrides = ("model=lenet5", "method=as", "as_steps=2", "epochs=2", "train_subset=4000")
-    run(command(shared_data, tmp_path / "whole", *overrides), private_cache)
+    run(command(shared_data, tmp_path / "whole", *overrides), array_cache)
     log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[-1]["test_acc"] > 0.3  # chance is 0.1
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASBNN_CACHE": str(private_cache)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ASBNN_CACHE": str(array_cache)}
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command(shared_data, killed, *overrides), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,7 +64,7 @@ def test_bayesian_data_parallel_training_learns_and_resumes(shared_data, tmp_pat
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
     proc.wait()
-    run(command(shared_data, killed, *overrides) + ["--resume"], private_cache)
+    run(command(shared_data, killed, *overrides) + ["--resume"], array_cache)
     whole, resumed = weights(tmp_path / "whole"), weights(killed)
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key

@@ -7,8 +7,12 @@ import torch
 
 from asbnn import metrics
 from asbnn.config import make_config
-from asbnn.evaluate import compare_runs, evaluate_run, predict, summarize
-from asbnn.train import build_data, load_run, train
+from asbnn.build import build_data
+from asbnn.evaluate import sampled_predictions as predict
+from asbnn.evaluate import summarize
+from asbnn.results import compare_runs, evaluate_run
+from asbnn.runfolder import load_run
+from asbnn.train import train
 
 
 @pytest.fixture(scope="module")

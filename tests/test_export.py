@@ -10,10 +10,11 @@ from torch import nn
 
 from asbnn import CheckpointError, ConfigError, Posterior, PosteriorConfig, make_config
 from asbnn.data import dataset_info
-from asbnn.data.sources import FASHION_MNIST_CLASSES
+from asbnn.data.idx import FASHION_MNIST_CLASSES
 from asbnn.evaluate import Predictions, summarize
-from asbnn.export import load_model, read_metadata, results_csv, save_model
-from asbnn.train import build_network
+from asbnn.build import build_network
+from asbnn.export import load_model, read_metadata, save_model
+from asbnn.results import results_csv
 
 
 def trained_like(net: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 
 from asbnn.cli import main
 from asbnn.config import make_config
-from asbnn.data.sources import CIFAR10_CLASSES
+from asbnn.data.folders import CIFAR10_CLASSES
 from asbnn.export import read_metadata, save_model
 from asbnn.train import train
 

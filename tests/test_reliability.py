@@ -36,13 +36,15 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import asbnn.checkpoint as checkpoint
+import asbnn.fileio as fileio
+import asbnn.runfolder as runfolder
 import asbnn.train as train_module
 from asbnn.cli import main
 from asbnn.config import TrainConfig, make_config, parse_overrides
 from asbnn.data import load_dataset
 from asbnn.errors import CheckpointError, ConfigError, DataError
-from asbnn.train import resume_state, train
+from asbnn.runfolder import resume_state
+from asbnn.train import train
 
 # The run every kill test interrupts: 3 short epochs of VI + AS on Fashion-MNIST (~1 s each).
 TRAIN_ARGS = ["quickstart", "model=lenet5", "dataset=fashion-mnist", "train_subset=1500", "test_subset=300",
@@ -56,7 +58,7 @@ def one_line(text: str) -> str:
 
 
 def temp_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob(f"*{checkpoint.TEMP_SUFFIX}"))
+    return sorted(p.name for p in folder.rglob(f"*{fileio.TEMP_SUFFIX}"))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -90,8 +92,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def cli_env(private_cache) -> dict[str, str]:
-    return {**os.environ, "ASBNN_CACHE": str(private_cache), "OMP_NUM_THREADS": "1"}
+def cli_env(array_cache) -> dict[str, str]:
+    return {**os.environ, "ASBNN_CACHE": str(array_cache), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +126,16 @@ def lines_in(path: Path) -> int:
 
 def assert_checkpoints_whole(run: Path) -> None:
     """Whatever a kill left under the checkpoint names is a complete checkpoint."""
-    for name in (train_module.CHECKPOINT, train_module.PREV_CHECKPOINT):
+    for name in (runfolder.CHECKPOINT, runfolder.PREV_CHECKPOINT):
         if (run / name).exists():
-            checkpoint.load_checkpoint(run / name)
+            runfolder.load_checkpoint(run / name)
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Killed at a random moment, then resumed: the same final weights as an uninterrupted run
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path, shared_data, cli_env, reference):
     run = tmp_path / "run"
     proc = subprocess.Popen(cli_command(run, shared_data, "--no-eval"), env=cli_env,
@@ -151,6 +154,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path, shared_d
     assert temp_files(run) == []
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_sigkill_during_evaluation_then_resume_finishes_it(tmp_path, shared_data, cli_env, reference):
     run = tmp_path / "run"
     proc = subprocess.Popen(cli_command(run, shared_data), env=cli_env,
@@ -173,6 +177,7 @@ def copy_run(reference: Path, to: Path) -> Path:
     return to
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_killed_while_saving_leftovers_are_harmless_and_cleaned(tmp_path, shared_data, cli_env, reference):
     """A kill inside a save leaves the old checkpoint in place and a partial temp file beside it."""
     run = copy_run(reference, tmp_path / "run")
@@ -195,6 +200,7 @@ def test_killed_while_saving_leftovers_are_harmless_and_cleaned(tmp_path, shared
 # 2. A damaged checkpoint.pt: resume goes back to checkpoint.prev.pt
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, shared_data, cli_env, reference):
     run = copy_run(reference, tmp_path / "run")
     data = (run / "checkpoint.pt").read_bytes()
@@ -212,7 +218,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, shared_da
 
 
 def save_state(path: Path, cfg: TrainConfig, epoch: int) -> None:
-    checkpoint.save_checkpoint({"kind": "posterior", "config": cfg.to_dict(), "epoch": epoch,
+    runfolder.save_checkpoint({"kind": "posterior", "config": cfg.to_dict(), "epoch": epoch,
                                 "net": {"w": torch.full((2,), float(epoch))}, "optimizer": {}}, path)
 
 
@@ -241,7 +247,7 @@ def test_every_kind_of_damage_is_detected_and_the_previous_checkpoint_used(tmp_p
     ckpt.write_bytes(DAMAGE[damage](ckpt.read_bytes()))
 
     with pytest.raises(CheckpointError) as err:  # evaluation has no fallback: it names the file
-        train_module.load_state(ckpt)
+        runfolder.load_state(ckpt)
     assert str(ckpt) in one_line(str(err.value))
 
     state = resume_state(tmp_path, cfg, torch.device("cpu"))
@@ -274,12 +280,12 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     cfg = make_config(overrides={"model": "lenet5", "dataset": "fashion-mnist", "epochs": 5})
     save_state(tmp_path / "checkpoint.pt", cfg, 1)  # its "net" holds one made-up tensor
     with pytest.raises(CheckpointError, match="does not fit the network") as err:
-        train_module.load_run(tmp_path)
+        runfolder.load_run(tmp_path)
     assert str(tmp_path / "checkpoint.pt") in one_line(str(err.value))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     torch.save({**state, "config": {**state["config"], "renamed_setting": 1}}, tmp_path / "newer.pt")
     with pytest.raises(CheckpointError, match="cannot read"):  # written by another version of asbnn
-        train_module.load_run(tmp_path / "newer.pt")
+        runfolder.load_run(tmp_path / "newer.pt")
 
 
 def test_a_new_run_never_falls_back_to_an_older_runs_checkpoint(tmp_path, shared_data, one_thread):
@@ -315,7 +321,7 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path, how):
     marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
     path = craft(tmp_path / "evil.pt", marker, how)
     with pytest.raises(CheckpointError) as err:
-        checkpoint.load_checkpoint(path)
+        runfolder.load_checkpoint(path)
     message = one_line(str(err.value))
     assert str(path) in message
     if how == "raw-pickle-p4":  # torch's unpickler stops at the protocol-4 frame, before any global
@@ -361,15 +367,15 @@ def test_disk_full_keeps_every_earlier_file(tmp_path, monkeypatch):
     ckpt, log = tmp_path / "checkpoint.pt", tmp_path / "log.jsonl"
     save_state(ckpt, cfg, 1)
     save_state(ckpt, cfg, 2)
-    checkpoint.append_jsonl(log, {"epoch": 1})
-    checkpoint.atomic_write_text(tmp_path / "eval.json", "{}")
+    fileio.append_jsonl(log, {"epoch": 1})
+    fileio.atomic_write_text(tmp_path / "eval.json", "{}")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     disk_full(monkeypatch)
     result = tmp_path / "eval.json"
     for write, target in [(lambda: save_state(ckpt, cfg, 3), ckpt),
-                          (lambda: checkpoint.atomic_write_text(result, "{...}"), result),
-                          (lambda: checkpoint.append_jsonl(log, {"epoch": 2}), log)]:
+                          (lambda: fileio.atomic_write_text(result, "{...}"), result),
+                          (lambda: fileio.append_jsonl(log, {"epoch": 2}), log)]:
         with pytest.raises(CheckpointError) as err:
             write()
         assert one_line(str(err.value)) == f"cannot write {target}: No space left on device"
@@ -378,7 +384,7 @@ def test_disk_full_keeps_every_earlier_file(tmp_path, monkeypatch):
     assert torch.load(ckpt, weights_only=True)["epoch"] == 2
     assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["epoch"] == 2  # kept before the write
     assert (tmp_path / "eval.json").read_bytes() == before["eval.json"]
-    assert checkpoint.read_jsonl(log)[0] == {"epoch": 1}
+    assert fileio.read_jsonl(log)[0] == {"epoch": 1}
     assert temp_files(tmp_path) == []
     save_state(ckpt, cfg, 3)  # space freed: the next save works and leaves nothing behind
     assert [torch.load(p, weights_only=True)["epoch"] for p in (ckpt, tmp_path / "checkpoint.prev.pt")] == [3, 2]
@@ -446,6 +452,7 @@ def make_read_only(folder: Path, monkeypatch) -> None:
     monkeypatch.setattr(checkpoint, "open", refuse(open, open_writes), raising=False)
 
 
+@pytest.mark.slow  # trains in subprocesses
 def test_read_only_run_folder_one_line_and_nothing_changed(tmp_path, capsys, shared_data, reference, monkeypatch):
     run = copy_run(reference, tmp_path / "run")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -498,6 +505,7 @@ def fuzz_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+@pytest.mark.slow  # fuzz
 @FUZZ
 @given(text=st.text() | st.binary() | YAML_BITS | st.builds("{}: {}\n".format, KEYS, YAML_BITS))
 @example(text="?")  # each @example once broke make_config with a TypeError, ValueError, ... not a ConfigError
@@ -513,12 +521,14 @@ def test_fuzz_config_file_text(fuzz_dir, text):
     config_or_config_error(lambda: make_config(write_text(fuzz_dir, text)))
 
 
+@pytest.mark.slow  # fuzz
 @FUZZ
 @given(values=st.dictionaries(KEYS, VALUES, max_size=6))
 def test_fuzz_config_file_mapping(fuzz_dir, values):
     config_or_config_error(lambda: make_config(write_text(fuzz_dir, yaml.safe_dump(values, sort_keys=False))))
 
 
+@pytest.mark.slow  # fuzz
 @FUZZ
 @given(items=st.lists(st.text(max_size=20) | st.builds("{}={}".format, KEYS, st.text(max_size=12) | YAML_BITS
                                                         | VALUES.map(str)), max_size=5))
@@ -558,6 +568,7 @@ IDX_BYTES = (st.binary(max_size=200)
 GOOD_IMAGES, GOOD_LABELS = idx(3, [2, 28, 28], bytes(2 * 784)), idx(1, [2], bytes([0, 9]))
 
 
+@pytest.mark.slow  # fuzz
 @FUZZ
 @given(images=IDX_BYTES | st.just(GOOD_IMAGES), labels=IDX_BYTES | st.just(GOOD_LABELS), compress=st.booleans())
 def test_fuzz_idx_files(fuzz_dir, images, labels, compress):
@@ -577,6 +588,7 @@ PICKLED = st.recursive(
     | st.dictionaries(st.sampled_from([b"data", b"labels", b"label_names", b"x"]), inner, max_size=4), max_leaves=8)
 
 
+@pytest.mark.slow  # fuzz
 @FUZZ
 @given(batch=st.binary(max_size=300) | PICKLED.map(lambda obj: pickle.dumps(obj, protocol=2)),
        meta=st.none() | st.binary(max_size=100) | PICKLED.map(lambda obj: pickle.dumps(obj, protocol=2)))
@@ -603,6 +615,7 @@ def cifar_tar_bytes() -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # fuzz
 @FUZZ
 @given(edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=6),
        cut=st.none() | st.floats(0, 1), compressed=st.booleans(), junk=st.none() | st.binary(max_size=300))

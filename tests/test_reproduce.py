@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from asbnn.errors import ConfigError
-from asbnn.reproduce import is_done, plan, reproduce, run_dir, run_experiment
+from asbnn.experiments.reproduce import is_done, plan, reproduce, run_dir, run_experiment
 
 
 def test_smoke_pipeline_writes_every_table_and_never_redoes_a_run(shared_data, tmp_path):

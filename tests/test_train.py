@@ -5,10 +5,15 @@ import json
 import pytest
 import torch
 
+import asbnn.hardware as hardware
 import asbnn.train as train_module
 from asbnn.config import make_config
 from asbnn.errors import CheckpointError, ConfigError
-from asbnn.train import load_run, train
+from asbnn.build import build_network
+from asbnn.data import dataset_info
+from asbnn.hardware import use_amp
+from asbnn.runfolder import deterministic_weights, load_run
+from asbnn.train import train
 
 
 def small(shared_data, **overrides):
@@ -23,7 +28,7 @@ def test_short_training_clearly_beats_chance(shared_data, tmp_path, method):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     assert log[-1]["test_acc"] > 0.4  # chance is 0.1
-    assert log[-1]["precision"] == ("bf16" if train_module.use_amp(torch.device("cpu"), True) else "fp32")
+    assert log[-1]["precision"] == ("bf16" if use_amp(torch.device("cpu"), True) else "fp32")
     if method != "deterministic":
         assert log[-1]["test_acc_sample"] > 0.4
         assert {"kl", "mean_sigma", "train_loss", "train_acc", "epoch_time"} <= set(log[-1])
@@ -104,7 +109,7 @@ def test_bayesian_fine_tune_starts_from_the_deterministic_weights(shared_data, t
     det = train(small(shared_data, method="deterministic", epochs=1), tmp_path / "det", progress=False)
     det_net, _, _ = load_run(det)
     cfg = small(shared_data, method="vi", epochs=1, init_from=str(det))
-    net = train_module.build_network(cfg, train_module.dataset_info("fashion-mnist"))
+    net = build_network(cfg, dataset_info("fashion-mnist"), deterministic_weights(cfg.init_from, cfg.model))
     means = net.weights("mean")
     for name, value in det_net.state_dict().items():
         if name in means:
@@ -164,6 +169,7 @@ def test_test_split_with_classes_the_model_does_not_have(tmp_path):
         train(cfg, tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compile_and_channels_last_change_speed_not_results(shared_data, tmp_path):
     """A compiled step on NHWC batches computes what the eager NCHW step does, AS passes and BatchNorm
     policy included, and its run is checkpointed and evaluated as a plain one."""
@@ -186,7 +192,7 @@ def test_compile_and_channels_last_change_speed_not_results(shared_data, tmp_pat
 
 
 def test_compile_without_a_cpu_compiler_is_a_config_error(shared_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         train(small(shared_data, compile=True), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -3,7 +3,7 @@
 Nothing here comes from asbnn's model registry or training loop: a small CNN written below, a plain
 `torch.utils.data.DataLoader`, a plain Adam loop. asbnn contributes three calls: `Posterior(model)`
 (a mean-field Gaussian over the model's conv/linear weights), `bayes_loss` (the loss of the
-paper, eq. 3) and `predict`/`summarize` (K sampled models, each held fixed over the test set).
+paper, eq. 3) and `sampled_predictions`/`summarize` (K sampled models, each held fixed over the test set).
 
     python docs/examples/own_model.py --data-root ../shared/data --steps 400
 """
@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from asbnn import ASConfig, Posterior, PosteriorConfig, bayes_loss
+from asbnn.build import subset
 from asbnn.data import ArrayDataset, DeviceLoader, dataset_info, load_dataset
-from asbnn.evaluate import predict, summarize
+from asbnn.evaluate import sampled_predictions, summarize
 from asbnn.export import load_model, save_model
-from asbnn.train import subset
 
 
 class SmallCNN(nn.Module):
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # K sampled models, each one eps held fixed over the whole test set, and their ensemble.
     test = subset(load_dataset("fashion-mnist", "test", args.data_root), args.test_size)
     test_loader = DeviceLoader(test, min(1000, len(test)), train=False, mean=info.mean, std=info.std, augment=False)
-    result = summarize(predict(posterior, test_loader, num_samples=args.samples, seed=0))
+    result = summarize(sampled_predictions(posterior, test_loader, num_samples=args.samples, seed=0))
     sampled, ensemble = result["sampled"], result["ensemble"]
     print(f"{args.samples} sampled models: lowest {100 * sampled['lowest']:.2f} %, "
           f"highest {100 * sampled['highest']:.2f} %, ensemble {100 * ensemble['accuracy']:.2f} % "

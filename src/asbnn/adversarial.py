@@ -66,18 +66,40 @@ class ASConfig:
 VI = ASConfig(lam=0.0)
 
 
+class RunningStats:
+    """A copy of every BatchNorm running statistic of `model`, to put back later.
+
+    BatchNorm modules are found by type, so any model's own norm layers count whatever their names.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self.saved = [b.clone() for b in self.buffers]
+
+    def restore(self) -> None:
+        # Through `.data`, as BatchNorm's own updates: a pass whose backward is still to come saved
+        # these buffers, and a tracked write would invalidate it (batch statistics are what it uses).
+        for buffer, saved in zip(self.buffers, self.saved):
+            buffer.data.copy_(saved)
+
+
 @contextmanager
 def frozen_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Normalise with batch statistics but leave every BatchNorm's running statistics untouched."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
-    saved = [m.track_running_stats for m in bns]
+    """Normalise with batch statistics but leave every BatchNorm's running statistics as they were.
+
+    In train mode BatchNorm normalises with the batch's own statistics whether or not it then updates
+    its running ones, so the block computes what it would anyway; the updates are undone after it.
+    The modules themselves are never changed, which keeps compiled graphs valid.
+    """
+    if not enabled:
+        yield
+        return
+    stats = RunningStats(model)
     try:
-        for m in bns:
-            m.track_running_stats = False  # in train mode: batch stats, no running-stat update
         yield
     finally:
-        for m, flag in zip(bns, saved):
-            m.track_running_stats = flag
+        stats.restore()
 
 
 def adversarial_eps(

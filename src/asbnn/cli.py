@@ -6,7 +6,6 @@ Every error of ours (bad config, missing data, corrupt checkpoint) prints as one
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,8 @@ def default_run_dir(cfg) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_run
+    from .distributed import is_main_process
+    from .results import evaluate_run
     from .train import train
 
     if args.config is not None and "=" in args.config:  # `asbnn train epochs=3`: no config file given
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             overrides[key] = getattr(args, key)
     cfg = make_config(resolve_config(args.config), overrides, preset=args.preset)
     out = Path(args.out) if args.out else default_run_dir(cfg)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports and evaluates
+    main_process = is_main_process()  # under torchrun, rank 0 reports and evaluates
     if main_process:
         print(f"training {cfg.model} on {cfg.dataset} ({cfg.method}) into {out}")
     train(cfg, out, resume=args.resume, progress=not args.quiet)
@@ -55,14 +55,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_run
+    from .results import evaluate_run
 
     evaluate_run(args.run, num_samples=args.samples, seed=args.seed, ood=args.ood, data_root=args.data_root,
                  out=args.out, mode=args.mode, save_probs=args.save_probs, device=args.device, amp=args.amp)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .evaluate import compare_runs
+    from .results import compare_runs
 
     compare_runs(args.runs, out=args.out, csv_path=args.csv)
 
@@ -82,13 +82,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
-    from .quickstart import quickstart
+    from .experiments.quickstart import quickstart
 
     quickstart(out=Path(args.out), data_root=args.data_root, quiet=args.quiet)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from .reproduce import reproduce
+    from .experiments.reproduce import reproduce
 
     path = reproduce(args.tables, args.scale, args.out, seeds=args.seeds, data_root=args.data_root,
                      device=args.device, progress=not args.quiet)

@@ -24,9 +24,9 @@ from typing import Any, Literal
 import yaml
 
 from .adversarial import ASConfig
-from .checkpoint import atomic_write_text
 from .data import list_datasets
-from .errors import ConfigError
+from .errors import ConfigError, first_line
+from .fileio import atomic_write_text
 from .models import list_models
 from .posterior import PosteriorConfig
 
@@ -268,8 +268,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text) or {}
     except Exception as err:  # PyYAML's constructors fail in many ways: `!!float` alone, a date 2001-13-01, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"config file {path} is not valid YAML: {first}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value")
     return values

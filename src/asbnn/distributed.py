@@ -32,6 +32,11 @@ class Ranks:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of a torchrun launch (or a lone process), before any group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun describes in the environment; a lone process stays alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -15,3 +15,9 @@ class DataError(AsbnnError):
 
 class CheckpointError(AsbnnError):
     """A checkpoint is missing, truncated, corrupt or unsafe to load."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type name if it has none), for one-line reports."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

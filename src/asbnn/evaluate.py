@@ -1,4 +1,4 @@
-"""Evaluation the way the paper does it, and beyond.
+"""The numbers of an evaluation, the way the paper computes them and beyond (files: `results`).
 
 A sampled model is one eps drawn once and held fixed over the whole test set (BatchNorm in eval
 mode with the trained running statistics). K sampled models give per-model accuracies (lowest /
@@ -11,27 +11,19 @@ one after another ("loop"); both give the same numbers, the faster one depends o
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from . import metrics, report
-from .checkpoint import atomic_write_text, read_jsonl
-from .config import TrainConfig
-from .data import ArrayDataset, DeviceLoader, dataset_info, load_dataset
+from . import metrics, streams
+from .data import DeviceLoader
 from .errors import ConfigError
-from .export import results_csv
+from .hardware import autocast
 from .posterior import Posterior
-from .train import (
-    build_data, checkpoint_path, load_run, make_generator, resolve_device, subset, tensorboard_writer,
-)
 
 Mode = Literal["batched", "loop"]
 COVERAGES = (0.2, 0.4, 0.6, 0.8)
@@ -55,13 +47,14 @@ class Predictions:
 
     @property
     def epistemic(self) -> Tensor:
-        return (self.total - self.aleatoric).clamp_min(0)
+        return metrics.mutual_information(self.total, self.aleatoric)
 
 
-def sample_eps(posterior: Posterior, seed: int, indices: range) -> Tensor:
-    """eps of sampled models `indices`; each is seeded on its own, so chunking never changes them."""
+def sampled_models(posterior: Posterior, seed: int, indices: range) -> Tensor:
+    """The eps of sampled models `indices` ([len(indices), P]); each is seeded alone, so chunking never
+    changes them."""
     device = posterior.mu.device
-    return torch.stack([posterior.sample_eps(make_generator(device, seed, 7, k)) for k in indices])
+    return torch.stack([posterior.sample_eps(streams.eval_sample(device, seed, k)) for k in indices])
 
 
 def _forward_samples(posterior: Posterior, x: Tensor, eps: Tensor, mode: Mode) -> Tensor:
@@ -71,7 +64,7 @@ def _forward_samples(posterior: Posterior, x: Tensor, eps: Tensor, mode: Mode) -
 
 
 @torch.no_grad()
-def predict(
+def sampled_predictions(
     net: nn.Module,
     loader: DeviceLoader,
     num_samples: int = 100,
@@ -85,7 +78,8 @@ def predict(
     """Run K sampled models (or one deterministic network) over `loader` and reduce the outputs.
 
     `amp` runs the forward passes in bf16 autocast (logits reduced in fp32): about 2x faster on
-    AMX CPUs (and GPUs), metrics within 0.1 point (docs/benchmarks.md)."""
+    AMX CPUs (and GPUs), metrics within 0.1 point (docs/benchmarks.md). It is done as asked;
+    `hardware.use_amp` says where it pays."""
     net.eval()
     bayesian = isinstance(net, Posterior)
     k_total = num_samples if bayesian else 1
@@ -98,10 +92,10 @@ def predict(
     nll = torch.zeros(k_total, device=device, dtype=torch.float64)
     for start in range(0, k_total, chunk):
         ks = range(start, min(start + chunk, k_total))
-        eps = sample_eps(net, seed, ks) if bayesian else None
+        eps = sampled_models(net, seed, ks) if bayesian else None
         offset = 0
         for x, y in loader.batches():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
             logp = logits.float().log_softmax(-1)  # [S, B, C]
             probs = logp.exp()
@@ -114,14 +108,14 @@ def predict(
                     kept = torch.zeros(k_total, n, probs.shape[-1], dtype=torch.float16)
             rows = slice(offset, offset + len(y))
             ens[rows] += probs.sum(0).double()
-            aleatoric[rows] += -(probs * logp).sum(-1).sum(0).double()
-            correct[start:ks.stop] += (logits.argmax(-1) == y).sum(1)
-            nll[start:ks.stop] += -logp.gather(-1, y.expand(len(ks), -1)[..., None]).squeeze(-1).sum(1).double()
+            aleatoric[rows] += metrics.entropy(probs, logp).sum(0).double()
+            correct[start:ks.stop] += metrics.correct_counts(logits, y)
+            nll[start:ks.stop] += metrics.nll_sums(logp, y).double()
             if kept is not None:
                 kept[start:ks.stop, rows] = probs.half().cpu()
             offset += len(y)
     if bayesian:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             mean_probs = torch.cat([net(x, "mean").float().softmax(-1) for x, _ in loader.batches()])
     return Predictions(
         labels=labels, ensemble_probs=(ens / k_total).float(), aleatoric=(aleatoric / k_total).float(),
@@ -184,155 +178,15 @@ def ood_summary(in_pred: Predictions, out_pred: Predictions) -> dict[str, dict[s
     return result
 
 
-def timed_predict(net: nn.Module, loader: DeviceLoader, **kwargs: Any) -> tuple[Predictions, float]:
+def timed_predictions(net: nn.Module, loader: DeviceLoader, **kwargs: Any) -> tuple[Predictions, float]:
+    """`sampled_predictions` and the seconds they took (the device synchronised)."""
     began = time.perf_counter()
-    pred = predict(net, loader, **kwargs)
+    pred = sampled_predictions(net, loader, **kwargs)
     if pred.labels.is_cuda:
         torch.cuda.synchronize()
     return pred, time.perf_counter() - began
 
 
-def save_sample_probs(pred: Predictions, path: str | Path) -> None:
-    """Per-sample probabilities (float16, compressed) so reports can be redrawn without re-running."""
-    if pred.sample_probs is None:
-        raise ValueError("predict(..., keep_probs=True) is needed to save the per-sample probabilities")
-    np.savez_compressed(path, probs=pred.sample_probs.numpy(), labels=pred.labels.cpu().numpy())
-
-
 def choose_mode(device: torch.device) -> Mode:
     """Batched samples win on GPUs; on CPUs the plain loop is as fast (see docs/benchmarks.md)."""
     return "batched" if device.type == "cuda" else "loop"
-
-
-def evaluate_run(
-    run: str | Path,
-    num_samples: int = 100,
-    seed: int = 0,
-    *,
-    ood: list[str] | None = None,
-    data_root: str | None = None,
-    out: str | Path | None = None,
-    mode: Mode | Literal["auto"] = "auto",
-    save_probs: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-    amp: bool = False,
-) -> dict[str, Any]:
-    """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval."""
-
-    if num_samples <= 0:
-        raise ConfigError(f"--samples must be > 0, got {num_samples}")
-    dev = resolve_device(device)
-    net, cfg, info = load_run(run, dev)
-    if data_root is not None:
-        cfg.data_root = data_root
-    run_dir = checkpoint_path(run).parent
-    out = Path(out) if out else run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    mode = choose_mode(dev) if mode == "auto" else mode
-    data = build_data(cfg, dev)
-    pred, seconds = timed_predict(net, data.test, num_samples=num_samples, seed=seed, mode=mode, keep_probs=save_probs,
-                                  amp=amp)
-    result = {"run": str(run_dir), "config": cfg.to_dict(), **summarize(pred),
-              "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": "bf16" if amp else "fp32"}}
-    ood_scores = {}
-    for name in ood or []:
-        ood_info = dataset_info(name)
-        if (ood_info.channels, ood_info.image_size) != (info.channels, info.image_size):
-            raise ConfigError(f"OOD set {name} has {ood_info.channels}x{ood_info.image_size}px images, "
-                              f"the model expects {info.channels}x{info.image_size}px")
-        ood_data = subset(load_dataset(name, "test", cfg.data_root), cfg.test_subset)
-        # OOD labels name other classes: only the uncertainty scores are used, labels are placeholders
-        ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
-        loader = DeviceLoader(ood_data, min(500, len(ood_data.labels)), train=False, mean=info.mean,
-                              std=info.std, augment=False, device=dev, channels_last=cfg.channels_last)
-        ood_pred = predict(net, loader, num_samples=num_samples, seed=seed, mode=mode, amp=amp)
-        result.setdefault("ood", {})[name] = ood_summary(pred, ood_pred)
-        ood_scores[name] = {s: (getattr(pred, s).cpu(), getattr(ood_pred, s).cpu()) for s in ("total", "epistemic")}
-    atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
-    if cfg.tensorboard:
-        with tensorboard_writer(run_dir) as writer:
-            writer.add_histogram("sampled_model_accuracy", torch.tensor(result["per_sample_accuracy"]), cfg.epochs)
-            writer.add_scalar("ensemble_accuracy", result["ensemble"]["accuracy"], cfg.epochs)
-    if save_probs:
-        save_sample_probs(pred, out / "probs.npz")
-    label = run_label(cfg)
-    report.plot_sample_accuracies({label: [100 * a for a in result["per_sample_accuracy"]]}, out / "sample_accuracies.png")
-    report.plot_reliability({label: {**metrics.calibration_bins(pred.ensemble_probs, pred.labels),
-                                     "ece": result["ensemble"]["ece"]}}, out / "reliability.png")
-    correct = (pred.ensemble_probs.argmax(1) == pred.labels).float()
-    curves = {f"{label}, by {name}": metrics.risk_coverage(correct, s)
-              for name, s in (("total", pred.total), ("epistemic", pred.epistemic),
-                              ("max prob", -pred.ensemble_probs.max(1).values))}
-    report.plot_risk_coverage(curves, out / "risk_coverage.png")
-    for name, scores in ood_scores.items():
-        report.plot_ood_scores(scores, out / f"ood_{name}.png")
-    log = read_jsonl(run_dir / "log.jsonl")
-    if log:
-        report.plot_training_curves({label: log}, out / "training_curves.png")
-    atomic_write_text(out / "eval.md", markdown_summary({label: result}))
-    if progress:
-        print(markdown_summary({label: result}))
-        print(f"\n{num_samples} sampled models in {seconds:.1f} s ({mode}); results in {out}")
-    return result
-
-
-def run_label(cfg: Any) -> str:
-    """A short name for a run in tables and legends: 'VI', 'VI + AS (lambda 0.8)', ..."""
-    name = {"deterministic": "deterministic", "vi": "VI", "as": "VI + AS"}[cfg.method]
-    if cfg.method == "as" and cfg.as_lambda != 0.8:
-        name += f" (lambda {cfg.as_lambda:g})"
-    return f"{name} s{cfg.seed}"
-
-
-def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
-    """The paper's columns (lowest / highest / ensemble of K sampled models) and the rest, in %."""
-    headers = ["run", "lowest", "highest", "mean ± std", "ensemble", "post. mean",
-               "ens. NLL", "ECE", "Brier", "AURC", "sel. acc 80%"]
-    rows = []
-    for label, r in results.items():
-        s, e = r["sampled"], r["ensemble"]
-        rows.append([
-            label, 100 * s["lowest"], 100 * s["highest"], f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}",
-            100 * e["accuracy"], 100 * r.get("posterior_mean", {}).get("accuracy", float("nan")),
-            f"{e['nll']:.3f}", f"{100 * e['ece']:.2f}", f"{e['brier']:.3f}", f"{100 * r['aurc']['total']:.2f}",
-            100 * r["selective"]["total"]["0.8"],
-        ])
-    text = report.markdown_table(headers, rows)
-    text += "\n\nAccuracies in %, over K sampled models each held fixed over the whole test set; "
-    text += "ECE with 15 equal-width bins; AURC and selective accuracy rank inputs by total uncertainty.\n"
-    ood_rows = [
-        [label, name, score, 100 * v["auroc"], 100 * v["aupr"], 100 * v["fpr95"]]
-        for label, r in results.items() for name, by in r.get("ood", {}).items() for score, v in by.items()
-    ]
-    if ood_rows:
-        text += "\n" + report.markdown_table(["run", "OOD set", "score", "AUROC", "AUPR", "FPR@95"], ood_rows) + "\n"
-    return text
-
-
-def compare_runs(runs: list[str | Path], out: str | Path = "runs/compare", csv_path: str | Path | None = None) -> str:
-    """Several evaluated runs side by side: one table (compare.md) and one set of plots."""
-
-    results, logs = {}, {}
-    for run in runs:
-        path = Path(run) / "eval" / "eval.json"
-        if not path.is_file():
-            raise ConfigError(f"{run} has no evaluation ({path}); run `asbnn eval {run}` first")
-        result = json.loads(path.read_text())
-        label = run_label(TrainConfig(**result["config"]))
-        if label in results:
-            label = f"{label} ({Path(run).name})"
-        results[label] = result
-        logs[label] = read_jsonl(Path(run) / "log.jsonl")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown_summary(results)
-    atomic_write_text(out / "compare.md", text)
-    if csv_path is not None:
-        atomic_write_text(csv_path, results_csv(results))
-    report.plot_sample_accuracies(
-        {k: [100 * a for a in r["per_sample_accuracy"]] for k, r in results.items()}, out / "sample_accuracies.png")
-    if any(logs.values()):
-        report.plot_training_curves({k: v for k, v in logs.items() if v}, out / "training_curves.png")
-    print(text)
-    return text

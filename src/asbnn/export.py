@@ -1,4 +1,4 @@
-"""Trained networks as `.safetensors` files, and evaluation results as CSV, for tools outside asbnn.
+"""Trained networks as `.safetensors` files, for tools outside asbnn.
 
 A model file holds the state dict (for a posterior: the flat `mu` and `rho`, plus the wrapped
 model's deterministic parameters and buffers) and, in the safetensors metadata, everything needed
@@ -9,9 +9,7 @@ tensors and a JSON header, so loading a file from anywhere can never execute cod
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,31 +22,18 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_write_bytes
 from .config import TrainConfig
-from .data import DatasetInfo, dataset_info, load_dataset
-from .data.sources import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, MNIST_CLASSES
-from .errors import AsbnnError, CheckpointError, ConfigError
+from .data import DatasetInfo, dataset_classes, dataset_info
+from .errors import CheckpointError, ConfigError, first_line
+from .fileio import atomic_write_bytes
 from .models import create_model
 from .posterior import Posterior, PosteriorConfig, select_parameters
-from .train import load_run
+from .runfolder import load_run
 
 #: Version of the metadata layout below; a reader refuses files of another layout.
 FORMAT_VERSION = "1"
 # Metadata values are strings: these are stored as they are, every other key as JSON.
 _TEXT_KEYS = ("format", "asbnn_format", "asbnn_version", "kind", "model", "dataset")
-_FIXED_CLASSES = {"cifar10": CIFAR10_CLASSES, "fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
-
-
-def dataset_classes(dataset: str, data_root: str | None = None) -> list[str] | None:
-    """Class names of a data set: fixed for most registered sets, else read from its files
-    (None where they are not on this machine)."""
-    if dataset in _FIXED_CLASSES:
-        return list(_FIXED_CLASSES[dataset])
-    try:
-        return load_dataset(dataset, "test", data_root).classes
-    except AsbnnError:
-        return None
 
 
 def save_model(
@@ -132,7 +117,7 @@ def load_model(path: str | Path, *, model: nn.Module | None = None, device: str 
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{path} does not fit the network: {_first_line(err)}") from None
+        raise CheckpointError(f"{path} does not fit the network: {first_line(err)}") from None
     return net.to(device).eval()
 
 
@@ -166,7 +151,7 @@ def _opened(path: Path) -> Iterator[Any]:
         with safe_open(path, framework="pt") as f:
             yield f
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
 
 
 def _encode(meta: dict[str, Any]) -> dict[str, str]:
@@ -185,34 +170,3 @@ def _decode(raw: dict[str, str] | None, path: Path) -> dict[str, Any]:
         return {k: v if k in _TEXT_KEYS else json.loads(v) for k, v in raw.items()}
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} has corrupt metadata (a value is not valid JSON)") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def results_csv(results: dict[str, dict[str, Any]]) -> str:
-    """Evaluation results (`eval.json` contents by run label) as CSV: one row per run.
-
-    Columns are the numbers of eval.json flattened to dotted names (`sampled.lowest`,
-    `ensemble.ece`, `ood.<set>.epistemic.auroc`, ...), accuracies as fractions; per-sample lists,
-    the config and timings are left out. A number a run lacks (e.g. no OOD set) is left empty.
-    """
-    rows = {label: dict(_flatten(result)) for label, result in results.items()}
-    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["run", *columns])
-    for label, row in rows.items():
-        writer.writerow([label, *(row.get(c, "") for c in columns)])
-    return out.getvalue()
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
-    for key, value in values.items():
-        if not prefix and key in ("config", "timing"):
-            continue
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield f"{prefix}{key}", value

@@ -42,10 +42,16 @@ def accuracy(probs: Tensor, labels: Tensor) -> Tensor:
     return (probs.argmax(-1) == labels).to(probs.dtype).mean()
 
 
+def correct_counts(scores: Tensor, labels: Tensor) -> Tensor:
+    """[..., N, C] -> [...]: how many inputs have the label as top class. `scores` may be probabilities,
+    log-probabilities or logits; sums, so that evaluation can add them up batch by batch."""
+    return (scores.argmax(-1) == labels).sum(-1)
+
+
 def per_sample_accuracy(sample_probs: Tensor, labels: Tensor) -> Tensor:
     """[K]: accuracy of each sampled model on its own, to compare against the ensemble."""
     _check(sample_probs, labels, dim=3)
-    return (sample_probs.argmax(-1) == labels).to(sample_probs.dtype).mean(-1)
+    return correct_counts(sample_probs, labels).to(sample_probs.dtype) / labels.numel()
 
 
 def _true_class_prob(probs: Tensor, labels: Tensor) -> Tensor:
@@ -58,10 +64,16 @@ def nll(probs: Tensor, labels: Tensor) -> Tensor:
     return -_true_class_prob(probs, labels).clamp_min(EPS).log().mean()
 
 
+def nll_sums(log_probs: Tensor, labels: Tensor) -> Tensor:
+    """[..., N, C] log-probabilities -> [...]: summed negative log-likelihood of the labels; sums, so
+    that evaluation can add them up batch by batch from exact log-softmax values."""
+    return -_true_class_prob(log_probs, labels).sum(-1)
+
+
 def per_sample_nll(sample_probs: Tensor, labels: Tensor) -> Tensor:
     """[K]: NLL of each sampled model on its own."""
     _check(sample_probs, labels, dim=3)
-    return -_true_class_prob(sample_probs, labels).clamp_min(EPS).log().mean(-1)
+    return nll_sums(sample_probs.clamp_min(EPS).log(), labels) / labels.numel()
 
 
 def brier(probs: Tensor, labels: Tensor) -> Tensor:
@@ -118,9 +130,17 @@ def ece(probs: Tensor, labels: Tensor, n_bins: int = 15, adaptive: bool = False)
 # ---------------------------------------------------------------- uncertainty
 
 
-def entropy(probs: Tensor) -> Tensor:
-    """Entropy over the last (class) axis; 0 log 0 counts as 0."""
-    return -(probs * probs.clamp_min(EPS).log()).sum(-1)
+def entropy(probs: Tensor, log_probs: Tensor | None = None) -> Tensor:
+    """Entropy over the last (class) axis; 0 log 0 counts as 0. Pass `log_probs` where they are
+    known exactly (log-softmax), else they are taken of the clamped probabilities."""
+    if log_probs is None:
+        log_probs = probs.clamp_min(EPS).log()
+    return -(probs * log_probs).sum(-1)
+
+
+def mutual_information(total: Tensor, aleatoric: Tensor) -> Tensor:
+    """Epistemic uncertainty: total entropy minus expected entropy (rounding can make it a hair below 0)."""
+    return (total - aleatoric).clamp_min(0)
 
 
 def uncertainty(sample_probs: Tensor) -> dict[str, Tensor]:
@@ -129,7 +149,7 @@ def uncertainty(sample_probs: Tensor) -> dict[str, Tensor]:
         raise ConfigError(f"sample_probs must be [K, N, C], got shape {tuple(sample_probs.shape)}")
     total = entropy(sample_probs.mean(0))
     aleatoric = entropy(sample_probs).mean(0)
-    return {"total": total, "aleatoric": aleatoric, "epistemic": (total - aleatoric).clamp_min(0)}
+    return {"total": total, "aleatoric": aleatoric, "epistemic": mutual_information(total, aleatoric)}
 
 
 # ---------------------------------------------------------------- selective prediction

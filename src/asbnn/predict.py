@@ -2,7 +2,7 @@
 
 Images are read with Pillow, converted to the model's channels, resized to its input size and
 normalised with its training set's statistics, then go through the same sampled-model evaluation
-as `asbnn eval` (`evaluate.predict`: each sampled model is one eps, seeded, so a seed always gives
+as `asbnn eval` (`evaluate.sampled_predictions`: each sampled model is one eps, seeded, so a seed always gives
 the same answer). Per image: the ensemble's top classes, the total uncertainty (entropy of the
 ensemble) and the epistemic part (mutual information: how much the sampled models disagree).
 """
@@ -19,11 +19,12 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from .data import ArrayDataset, DatasetInfo, DeviceLoader
+from .data import ArrayDataset, DatasetInfo, dataset_classes, eval_loader
 from .errors import ConfigError, DataError
-from .evaluate import choose_mode, predict
-from .export import dataset_classes, info_from_metadata, load_model, read_metadata
-from .train import EVAL_BATCH, load_run, resolve_device
+from .evaluate import choose_mode, sampled_predictions
+from .export import info_from_metadata, load_model, read_metadata
+from .hardware import resolve_device
+from .runfolder import load_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -109,9 +110,8 @@ def predict_images(clf: Classifier, files: Sequence[Path], num_samples: int = 30
     images = read_images(files, info.channels, info.image_size)
     data = ArrayDataset(images, np.zeros(len(images), np.int64), clf.classes)  # labels unused
     device = next(clf.net.parameters()).device
-    loader = DeviceLoader(data, min(EVAL_BATCH, len(images)), train=False, mean=info.mean, std=info.std,
-                          augment=False, device=device)
-    pred = predict(clf.net, loader, num_samples=num_samples, seed=seed, mode=choose_mode(device))
+    loader = eval_loader(data, info.mean, info.std, device=device)
+    pred = sampled_predictions(clf.net, loader, num_samples=num_samples, seed=seed, mode=choose_mode(device))
     probs, indices = pred.ensemble_probs.cpu().topk(min(top, len(clf.classes)), dim=1)
     total, aleatoric, epistemic = (t.cpu().tolist() for t in (pred.total, pred.aleatoric, pred.epistemic))
     return [

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from asbnn.checkpoint import atomic_write_bytes
+from asbnn.fileio import atomic_write_bytes
 from asbnn.errors import ConfigError
 
 DPI = 150

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from asbnn.fileio import atomic_file
 
 # Bump when a decoder changes what it produces, so every old entry is decoded again.
 CACHE_VERSION = 1
@@ -79,20 +80,10 @@ def _load(path: Path, expected_stamp: str) -> Arrays | None:
 
 
 def _store(path: Path, entry_stamp: str, arrays: Arrays) -> None:
-    """Write atomically (temp file, fsync, rename) so a crash never leaves a half-written entry."""
+    """Write atomically so a crash never leaves a half-written entry; a failure only costs time."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-                np.savez(out, **{_STAMP_KEY: np.array(entry_stamp)}, **arrays)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as out:
+            np.savez(out, **{_STAMP_KEY: np.array(entry_stamp)}, **arrays)
     except OSError as err:  # the cache only saves time: carry on without it
         warnings.warn(f"could not write the array cache {path} ({err}); the data will be decoded again next time",
                       stacklevel=3)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -18,8 +17,9 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from asbnn.data.sources import resolve_data_root
+from asbnn.data.registry import resolve_data_root
 from asbnn.errors import ConfigError, DataError
+from asbnn.fileio import atomic_file
 
 
 @dataclass(frozen=True)
@@ -48,23 +48,13 @@ def download_dataset(name: str, root: str | os.PathLike | None,
     if target.is_file() and _md5(target) == archive.md5:
         return target
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{archive.filename}.", suffix=".part")
+        with atomic_file(target) as out:
+            digest = _fetch(archive.url, out, root)
+            if digest != archive.md5:
+                raise DataError(f"checksum mismatch for {archive.url}: md5 {digest}, expected {archive.md5}; "
+                                "the download was discarded")
     except OSError as err:
         raise DataError(f"cannot write to the data folder {root}: {err}") from err
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.chmod(tmp, 0o644)  # a data file like any other, not mkstemp's private 0600
-            digest = _fetch(archive.url, out, root)
-            out.flush()
-            os.fsync(out.fileno())
-        if digest != archive.md5:
-            raise DataError(f"checksum mismatch for {archive.url}: md5 {digest}, expected {archive.md5}; "
-                            "the download was discarded")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
 
 

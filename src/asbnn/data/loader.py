@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from asbnn.data.sources import ArrayDataset
+from asbnn.data.dataset import ArrayDataset
 from asbnn.errors import ConfigError
 
 
@@ -109,3 +109,14 @@ def _per_channel(values: Sequence[float], channels: int, what: str) -> Tensor:
     if tensor.numel() != channels:
         raise ConfigError(f"{what} needs one value per channel ({channels}), got {tuple(values)}")
     return tensor
+
+
+#: Images per batch when evaluating: large enough to keep any device busy, small enough for any memory.
+EVAL_BATCH = 500
+
+
+def eval_loader(data: ArrayDataset, mean: Sequence[float], std: Sequence[float], *,
+                device: torch.device | str = "cpu", channels_last: bool = False) -> DeviceLoader:
+    """The data in stored order, unaugmented, in batches of `EVAL_BATCH` (fewer for a smaller set)."""
+    return DeviceLoader(data, min(EVAL_BATCH, len(data.labels)), train=False, mean=mean, std=std, augment=False,
+                        device=device, channels_last=channels_last)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asbnn.models import register_model
+from asbnn.models.registry import register_model
 
 
 class LeNet5(nn.Module):

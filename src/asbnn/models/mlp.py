@@ -4,7 +4,7 @@ Images are average-pooled to 14 x 14 first, so it takes 28 x 28 and 32 x 32 inpu
 
 from torch import nn
 
-from . import register_model
+from asbnn.models.registry import register_model
 
 
 @register_model("mlp")

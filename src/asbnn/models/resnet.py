@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asbnn.errors import ConfigError
-from asbnn.models import register_model
+from asbnn.models.registry import register_model
 
 
 def conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:

@@ -4,7 +4,7 @@ single linear layer replaces ImageNet VGG's 4096-wide classifier."""
 import torch
 from torch import nn
 
-from asbnn.models import register_model
+from asbnn.models.registry import register_model
 
 VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                               512, 512, 512, "M", 512, 512, 512, "M"]

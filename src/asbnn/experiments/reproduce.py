@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write_text, read_jsonl
-from .config import make_config
-from .errors import ConfigError
-from .evaluate import evaluate_run
-from .train import CHECKPOINT, train
+from ..config import make_config
+from ..errors import ConfigError
+from ..fileio import atomic_write_text, read_jsonl
+from ..results import evaluate_run
+from ..runfolder import CHECKPOINT, LOG
+from ..train import train
+from .reproduce_report import write_report
 
 TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")
 CHEAP_EPOCH_FACTOR = 3  # free AS (2 passes) at 3x the epochs costs about what standard AS (N + 2) does
@@ -116,17 +118,19 @@ class Experiment:
     key: str = ""
 
 
-#: Modules that only present results; editing them does not make finished runs stale.
-PRESENTATION = {"cli.py", "report.py", "paper_report.py", "quickstart.py", "reproduce.py"}
+#: Code that only presents results (package-relative paths; a folder counts with all below it):
+#: editing it does not make finished runs stale.
+PRESENTATION = ("cli.py", "report.py", "results.py", "experiments/")
 
 
 def code_fingerprint() -> str:
     """A hash of the code that decides results: runs made by other code never count as done."""
     digest = hashlib.sha256()
-    root = Path(__file__).parent
+    root = Path(__file__).parents[1]
     for path in sorted(root.rglob("*.py")):
-        if path.name not in PRESENTATION:
-            digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+        name = path.relative_to(root).as_posix()
+        if not name.startswith(PRESENTATION):
+            digest.update(name.encode() + path.read_bytes())
     return digest.hexdigest()[:10]
 
 
@@ -156,7 +160,7 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                 for v in scale.variants:
                     tag = v.method if v.method == "vi" else f"as-bn{v.bn_policy}"
                     add("table1", f"{dataset}-{model}-{tag}-init{v.init}-s{seed}",
-                        {**common, **v.overrides()}, {**cols, "variant": v.label})
+                        {**common, **v.overrides()}, {**cols, "variant": v})
             if "lambda" in wanted:
                 for lam in scale.lambdas:
                     v = OURS_VI if lam == 0 else OURS_AS
@@ -179,7 +183,7 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                 det = add("table2-det", f"{dataset}-{model}-det-s{seed}", {**common, "method": "deterministic"}, cols)
                 for v in (OURS_VI, OURS_AS):
                     add("table2", f"{dataset}-{model}-finetune-{v.method}-s{seed}", {**common, **v.overrides()},
-                        {**cols, "variant": v.label}, init_from=det)
+                        {**cols, "variant": v}, init_from=det)
     return list(experiments.values())
 
 
@@ -249,10 +253,11 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         began = time.perf_counter()
         train(cfg, train_dir, resume=(train_dir / CHECKPOINT).exists(), progress=progress)
         result = evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False)
-        log = read_jsonl(train_dir / "log.jsonl")
+        log = read_jsonl(train_dir / LOG)
         precision = " and ".join(sorted({r.get("precision", "unknown precision") for r in log}))
         meta = {
-            "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "columns": exp.columns, "scale": scale,
+            "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "scale": scale,
+            "columns": {k: v.label if isinstance(v, Variant) else v for k, v in exp.columns.items()},
             "code": code_fingerprint(), "machine": f"{machine()}, training steps in {precision}",
             "train_seconds": sum(r["epoch_time"] for r in log), "eval_seconds": result["timing"]["seconds"],
             "this_call_seconds": time.perf_counter() - began,
@@ -273,8 +278,6 @@ def machine() -> str:
 def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None = None,
               data_root: str | None = None, device: str = "auto", progress: bool = True) -> Path:
     """Run (or resume, or share with other workers) every run of `tables`, then write the report."""
-    from .paper_report import write_report
-
     unknown = [t for t in tables if t not in (*TABLES, "all")]
     if unknown:
         raise ConfigError(f"unknown table {unknown[0]}; valid: {', '.join((*TABLES, 'all'))}")
@@ -295,4 +298,6 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
                 progressed = True
         if pending and not progressed:  # the rest is being run by other workers: wait for them
             time.sleep(10)
-    return write_report(out, tables, scale, experiments)
+    wanted = set(TABLES) if "all" in tables else set(tables)
+    finished = [(exp, run_dir(out, exp)) for exp in experiments if is_done(out, exp)]
+    return write_report(out, wanted, scale, SCALES[scale].note, code_fingerprint(), finished, len(experiments))

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import make_config
-from .evaluate import compare_runs, evaluate_run
-from .train import CHECKPOINT, train
+from ..config import make_config
+from ..results import compare_runs, evaluate_run
+from ..runfolder import CHECKPOINT
+from ..train import train
 
-QUICKSTART_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
+QUICKSTART_CONFIG = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 
 
 def quickstart(out: Path, data_root: str | None = None, quiet: bool = False, **overrides: Any) -> str:

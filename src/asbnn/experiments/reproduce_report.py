@@ -1,24 +1,37 @@
-"""The `reproduce` report: our tables beside the paper's numbers, the plots, and how each run was made."""
+"""The `reproduce` report: our tables beside the paper's numbers, the plots, and how each run was made.
+
+It reads the finished runs `reproduce` hands it; a run's columns say where it goes: `variant` (a
+`reproduce.Variant`: method, BatchNorm policy, initialisation), `lambda`, `cheap`, `seed`, ...
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import report
-from .checkpoint import atomic_write_text, read_jsonl
+from .. import report
+from ..fileio import atomic_write_text, read_jsonl
+from ..runfolder import LOG
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
 PAPER_NAMES = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ResNet20": "resnet20", "ResNet56": "resnet56",
                "VGG16": "vgg16_bn"}
 METRICS = ("lowest", "highest", "ensemble")
 RETAIN = ("retain20", "retain40", "retain60", "retain80")
+
+
+class Planned(Protocol):
+    """What the report reads of a planned experiment."""
+
+    columns: dict[str, Any]
+    tables: set[str]
 
 
 def paper_numbers() -> dict[tuple, tuple[float, float]]:
@@ -32,21 +45,13 @@ def paper_numbers() -> dict[tuple, tuple[float, float]]:
     return out
 
 
-def _load(out: Path, experiments: list) -> list[dict[str, Any]]:
-    """Finished runs with their evaluation and log; unfinished ones are listed as missing."""
-    from .reproduce import run_dir
-
-    runs = []
-    for exp in experiments:
-        folder = run_dir(out, exp)
-        if not (folder / "done.json").is_file():
-            continue
-        runs.append({
-            "exp": exp, "meta": json.loads((folder / "done.json").read_text()),
-            "eval": json.loads((folder / "run" / "eval" / "eval.json").read_text()),
-            "log": read_jsonl(folder / "run" / "log.jsonl"),
-        })
-    return runs
+def _load(finished: list[tuple[Planned, Path]]) -> list[dict[str, Any]]:
+    """The finished runs (experiment, folder) with their evaluation and log."""
+    return [{
+        "exp": exp, "meta": json.loads((folder / "done.json").read_text()),
+        "eval": json.loads((folder / "run" / "eval" / "eval.json").read_text()),
+        "log": read_jsonl(folder / "run" / LOG),
+    } for exp, folder in finished]
 
 
 def _values(runs: list[dict], metric: str) -> list[float]:
@@ -58,11 +63,12 @@ def _values(runs: list[dict], metric: str) -> list[float]:
     return [100 * r["eval"]["sampled"][metric] for r in runs]
 
 
-def _group(runs: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+def _group(runs: list[dict], *keys: str) -> list[tuple[tuple, list[dict]]]:
+    """Runs grouped by the values of columns `keys`, in the order of those values (variants by label)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         groups[tuple(r["exp"].columns[k] for k in keys)].append(r)
-    return groups
+    return sorted(groups.items(), key=lambda kv: tuple(getattr(v, "label", v) for v in kv[0]))
 
 
 def _paper_cell(paper: dict, table: str, dataset: str, model: str, method: str, metric: str) -> str:
@@ -72,12 +78,11 @@ def _paper_cell(paper: dict, table: str, dataset: str, model: str, method: str, 
 
 def _accuracy_table(runs: list[dict], table: str, paper: dict, metrics: tuple[str, ...]) -> str:
     rows = []
-    for (dataset, model, variant), group in sorted(_group(runs, "dataset", "model", "variant").items()):
-        method = "as" if "AS" in variant else "vi"
-        row: list[Any] = [dataset, model, variant, len(group)]
+    for (dataset, model, variant), group in _group(runs, "dataset", "model", "variant"):
+        row: list[Any] = [dataset, model, variant.label, len(group)]
         for metric in metrics:
             row.append(report.mean_std(_values(group, metric)))
-            row.append(_paper_cell(paper, table, dataset, model, method, metric))
+            row.append(_paper_cell(paper, table, dataset, model, variant.method, metric))
         rows.append(row)
     headers = ["data", "model", "variant", "seeds"]
     for metric in metrics:
@@ -93,16 +98,15 @@ def _gain_table(runs: list[dict], table: str, paper: dict, metrics: tuple[str, .
                  for k in paper if k[0] == table and k[3] == "as" and k[4] == metric]
         paper_gain[metric] = float(np.mean(gains)) if gains else float("nan")
     rows = []
-    for (dataset, model), group in sorted(_group(runs, "dataset", "model").items()):
-        by_variant = _group(group, "variant")
-        for (variant,), as_runs in sorted(by_variant.items()):
-            if "AS" not in variant:
+    for (dataset, model), group in _group(runs, "dataset", "model"):
+        by_variant = dict(_group(group, "variant"))
+        for (variant,), as_runs in by_variant.items():
+            if variant.method != "as":
                 continue
-            init = variant.rsplit("init ", 1)[-1]
-            vi_runs = by_variant.get((f"VI, init {init}",), [])
+            vi_runs = by_variant.get((dataclasses.replace(variant, method="vi", bn_policy="freeze"),), [])
             if not vi_runs:
                 continue
-            row: list[Any] = [dataset, model, variant]
+            row: list[Any] = [dataset, model, variant.label]
             for metric in metrics:
                 ours = np.mean(_values(as_runs, metric)) - np.mean(_values(vi_runs, metric))
                 row += [f"{ours:+.2f}", f"{paper_gain[metric]:+.2f}"]
@@ -129,21 +133,20 @@ def _mean_std(values: list[float]) -> str:
     return report.mean_std(finite) if finite else "–"
 
 
-def write_report(out: Path, tables: list[str], scale: str, experiments: list) -> Path:
-    from .reproduce import SCALES, TABLES, code_fingerprint
-
-    wanted = set(TABLES) if "all" in tables else set(tables)
+def write_report(out: Path, wanted: set[str], scale: str, note: str, code: str,
+                 finished: list[tuple[Planned, Path]], planned: int) -> Path:
+    """OUT/report.md (and OUT/plots) from the `finished` runs of the `planned` ones, for tables `wanted`."""
     paper = paper_numbers()
-    runs = _load(out, experiments)
+    runs = _load(finished)
     plots = out / "plots"
     machines = sorted({r["meta"]["machine"] for r in runs})
     lines = [
         f"# Adversarial Sampling, reproduced at the `{scale}` scale",
         "",
-        f"Scale: {SCALES[scale].note}. Made by `asbnn reproduce {' '.join(sorted(wanted))} --scale {scale} "
-        f"--out {out}` (code {code_fingerprint()}), last written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"Scale: {note}. Made by `asbnn reproduce {' '.join(sorted(wanted))} --scale {scale} "
+        f"--out {out}` (code {code}), last written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"on: {'; '.join(machines) or 'nothing finished yet'}.",
-        f"{len(runs)} of {len(experiments)} runs finished. Accuracies in %, mean ± std over seeds; "
+        f"{len(runs)} of {planned} runs finished. Accuracies in %, mean ± std over seeds; "
         "'paper' columns are the paper's numbers where its data set and model match ours, '–' where not.",
         "",
         "Variants: *init ours* starts sigma at 0.05, *init authors* at exp(0.15) = 1.16 as the authors' code; "
@@ -181,13 +184,13 @@ def write_report(out: Path, tables: list[str], scale: str, experiments: list) ->
                   report.markdown_table(["lambda", "seeds", *METRICS], rows), "", "![lambda](plots/lambda.png)"]
     if "curves" in wanted and t1:
         lines += ["", "## Training curves and the spread of sampled models", ""]
-        first = {r["exp"].columns["variant"]: r for r in sorted(t1, key=lambda r: -r["exp"].columns["seed"])}
+        first = {r["exp"].columns["variant"].label: r for r in sorted(t1, key=lambda r: -r["exp"].columns["seed"])}
         report.plot_training_curves({v: r["log"] for v, r in sorted(first.items())}, plots / "curves.png")
         report.plot_sample_accuracies({v: [100 * a for a in r["eval"]["per_sample_accuracy"]]
                                        for v, r in sorted(first.items())}, plots / "sample_accuracies.png")
         rows = []
-        for (variant,), group in sorted(_group(t1, "variant").items()):
-            rows.append([variant, _mean_std([_stability(r["log"], "test_acc") for r in group]),
+        for (variant,), group in _group(t1, "variant"):
+            rows.append([variant.label, _mean_std([_stability(r["log"], "test_acc") for r in group]),
                          _mean_std([_stability(r["log"], "test_acc_sample") for r in group]),
                          report.mean_std([100 * r["eval"]["sampled"]["std"] for r in group])])
         lines += [report.markdown_table(
@@ -198,7 +201,7 @@ def write_report(out: Path, tables: list[str], scale: str, experiments: list) ->
     cheap = [r for r in runs if "cheap" in r["exp"].tables]
     if "cheap" in wanted and cheap:
         rows = []
-        for (label,), group in sorted(_group(cheap, "cheap").items(), key=lambda kv: _train_seconds(kv[1])):
+        for (label,), group in sorted(_group(cheap, "cheap"), key=lambda kv: _train_seconds(kv[1])):
             rows.append([label, len(group), f"{_train_seconds(group):.0f}"]
                         + [report.mean_std(_values(group, m)) for m in METRICS])
         lines += ["", "## Cheaper AS: free AS (2 passes per step) against standard AS (N + 2)", "",

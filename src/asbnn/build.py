@@ -1,0 +1,66 @@
+"""What a TrainConfig describes, built: the data loaders of a run and its network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import TrainConfig
+from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, eval_loader, load_dataset
+from .errors import DataError
+from .models import create_model
+from .posterior import Posterior
+
+
+def subset(data: ArrayDataset, n: int | None) -> ArrayDataset:
+    """A fixed random subset (the same for every run and seed), so runs stay comparable."""
+    if n is None or n >= len(data.labels):
+        return data
+    idx = np.sort(np.random.default_rng(0).permutation(len(data.labels))[:n])
+    return ArrayDataset(images=data.images[idx], labels=data.labels[idx], classes=data.classes)
+
+
+@dataclass
+class RunData:
+    info: DatasetInfo
+    train: DeviceLoader
+    test: DeviceLoader
+
+
+def build_data(cfg: TrainConfig, device: torch.device) -> RunData:
+    """The training loader (shuffled, augmented per the data set or `augment`) and the test loader."""
+    info = dataset_info(cfg.dataset)
+    train = subset(load_dataset(cfg.dataset, "train", cfg.data_root), cfg.train_subset)
+    test = subset(load_dataset(cfg.dataset, "test", cfg.data_root), cfg.test_subset)
+    if test.classes != train.classes:  # labels are class indices: the two lists must agree exactly
+        extra = sorted(set(test.classes) - set(train.classes)) or sorted(set(train.classes) - set(test.classes))
+        raise DataError(f"the test and training splits of {cfg.dataset} have different classes "
+                        f"(e.g. {', '.join(extra[:3]) or 'a different order'}); labels would not match")
+    augment = info.augment if cfg.augment is None else cfg.augment
+    return RunData(
+        info=info,
+        train=DeviceLoader(train, cfg.batch_size, train=True, augment=augment, mean=info.mean, std=info.std,
+                           device=device, channels_last=cfg.channels_last),
+        test=eval_loader(test, info.mean, info.std, device=device, channels_last=cfg.channels_last),
+    )
+
+
+def build_network(cfg: TrainConfig, info: DatasetInfo, init_weights: dict[str, Tensor] | None = None) -> nn.Module:
+    """The deterministic model, or the posterior over it; seeded so runs are reproducible.
+
+    `init_weights` (the state dict of a deterministic run, see `runfolder.deterministic_weights`)
+    start the model; for a posterior they become the means (a Bayesian fine-tune).
+    """
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    if not cfg.bayesian:
+        return model
+    pcfg = cfg.posterior_config()
+    if init_weights is not None:
+        pcfg = type(pcfg)(**{**pcfg.__dict__, "mu_init": "module"})
+    return Posterior(model, pcfg)
