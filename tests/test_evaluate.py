@@ -122,3 +122,11 @@ def test_labels_beyond_the_networks_classes_get_a_clear_error(loaded):
     loader = DeviceLoader(data, 4, train=False, mean=(0.5,), std=(0.5,), augment=False)
     with pytest.raises(ConfigError, match="labels go up to 17 but the network has 10 classes"):
         predict(net, loader, num_samples=2)
+
+
+def test_eval_amp_follows_the_precision_policy_of_training(run, tmp_path):
+    """`--amp` computes in bf16 only where training would (native bf16), never emulated."""
+    from asbnn.hardware import step_precision
+
+    result = evaluate_run(run, num_samples=2, amp=True, out=tmp_path / "eval", device="cpu", progress=False)
+    assert result["timing"]["precision"] == step_precision(torch.device("cpu"), True)

@@ -196,3 +196,14 @@ def test_compile_without_a_cpu_compiler_is_a_config_error(shared_data, tmp_path,
     with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
         train(small(shared_data, compile=True), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_with_tensorboard_and_progress(shared_data, tmp_path, capsys):
+    """Nothing is left to train: the run ends at once, without a summary of an epoch it did not train."""
+    cfg = small(shared_data, method="vi", epochs=1, train_subset=300, test_subset=100, tensorboard=True)
+    train(cfg, tmp_path / "run", progress=True)
+    assert "epoch 1  train_loss" in capsys.readouterr().out
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    train(cfg, tmp_path / "run", resume=True, progress=True)  # an UnboundLocalError before
+    assert "train_loss" not in capsys.readouterr().out
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log
