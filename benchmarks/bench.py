@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from asbnn.adversarial import ASConfig, FreeAdversarialSampler, bayes_loss
-from asbnn.data import ArrayDataset, DeviceLoader
+from asbnn.data import ArrayDataset, DeviceLoader, eval_loader
 from asbnn.evaluate import sampled_predictions
 from asbnn.models import create_model
 from asbnn.posterior import Posterior
@@ -200,8 +200,7 @@ def bench_eval(model: str, device: torch.device, repeats: int, images: int, samp
     rng = np.random.default_rng(0)
     data = ArrayDataset(images=rng.integers(0, 256, (images, size, size, channels), dtype=np.uint8),
                         labels=rng.integers(0, 10, images), classes=[str(i) for i in range(10)])
-    loader = DeviceLoader(data, min(500, images), train=False, mean=(0.5,) * channels, std=(0.25,) * channels,
-                          augment=False, device=device, channels_last=channels_last)
+    loader = eval_loader(data, (0.5,) * channels, (0.25,) * channels, device=device, channels_last=channels_last)
     post = Posterior(create_model(model, in_channels=channels)).to(device).eval()
     out = {"model": model, "measured_samples": samples, "measured_images": images}
     for mode in ("loop", "batched"):

@@ -9,6 +9,7 @@ from asbnn.errors import ConfigError
 from asbnn.experiments.reproduce import is_done, plan, reproduce, run_dir, run_experiment
 
 
+@pytest.mark.slow  # trains and evaluates every smoke-scale run
 def test_smoke_pipeline_writes_every_table_and_never_redoes_a_run(shared_data, tmp_path):
     out = tmp_path / "repro"
     report = reproduce(["all"], "smoke", out, data_root=str(shared_data), progress=False)

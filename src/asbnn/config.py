@@ -59,6 +59,8 @@ class TrainConfig:
     sigma_param: Literal["exp", "softplus"] = "exp"
     init_sigma: float = 0.05
     prior_sigma: float = 0.15
+    # "paper": the authors' initialisation of the means, as the paper's runs used. The library's
+    # PosteriorConfig defaults to "module" instead: a user's own module keeps its own initialisation.
     mu_init: Literal["module", "paper"] = "paper"
     kl_weight: float | None = None  # None: 1 / (100 * N_train), the paper's beta
     init_from: str | None = None  # deterministic run or checkpoint: its weights become the means
@@ -66,7 +68,7 @@ class TrainConfig:
     as_steps: int = 5
     as_step_size: float = 0.02
     as_lambda: float = 0.8
-    kl_convention: Literal["paper", "authors"] = "paper"
+    kl_convention: Literal["paper", "authors"] = "paper"  # "paper": eq. 3 (KL unscaled); "authors": x (1 - lambda)
     bn_policy: Literal["freeze", "update"] = "freeze"
     as_variant: Literal["standard", "free"] = "standard"  # free: 1 sign step per training step, 2 passes
     # run
@@ -105,6 +107,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+#: "paper" reproduces the authors' code, traps included (not the paper's text: that is the default).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {
