@@ -449,7 +449,7 @@ def make_read_only(folder: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "open", refuse(os.open, os_open_writes))  # tempfile.mkstemp goes through it
     for name in ("link", "replace", "rename", "unlink", "mkdir"):
         monkeypatch.setattr(os, name, refuse(getattr(os, name)))
-    monkeypatch.setattr(checkpoint, "open", refuse(open, open_writes), raising=False)
+    monkeypatch.setattr(fileio, "open", refuse(open, open_writes), raising=False)
 
 
 @pytest.mark.slow  # trains in subprocesses

@@ -24,7 +24,7 @@ def small(shared_data, **overrides):
 
 @pytest.mark.parametrize("method", ["deterministic", "vi", "as"])
 def test_short_training_clearly_beats_chance(shared_data, tmp_path, method):
-    run = train(small(shared_data, method=method, as_steps=2), tmp_path / method, progress=False)
+    run = train(small(shared_data, method=method, as_steps=2, train_subset=3000), tmp_path / method, progress=False)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
     assert log[-1]["test_acc"] > 0.4  # chance is 0.1
@@ -36,7 +36,7 @@ def test_short_training_clearly_beats_chance(shared_data, tmp_path, method):
 
 @pytest.mark.parametrize("variant", ["standard", "free"])
 def test_resume_after_a_kill_ends_with_the_same_weights(shared_data, tmp_path, monkeypatch, variant):
-    cfg = small(shared_data, method="as", as_steps=2, epochs=3, train_subset=1500, as_variant=variant)
+    cfg = small(shared_data, method="as", as_steps=2, epochs=3, train_subset=600, test_subset=200, as_variant=variant)
     train(cfg, tmp_path / "whole", progress=False)
 
     real_save = train_module.save_checkpoint
