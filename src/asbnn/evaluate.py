@@ -11,8 +11,11 @@ one after another ("loop"); both give the same numbers, the faster one depends o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import metrics, report
+from .bn_recalibration import Recalibration, recalibrated
 from .checkpoint import atomic_write_text, read_jsonl
 from .config import TrainConfig
 from .data import ArrayDataset, DeviceLoader, dataset_info, load_dataset
@@ -81,16 +85,21 @@ def predict(
     chunk: int = 10,
     keep_probs: bool = False,
     amp: bool = False,
+    recalibration: Sequence[Tensor] | None = None,
 ) -> Predictions:
     """Run K sampled models (or one deterministic network) over `loader` and reduce the outputs.
 
     `amp` runs the forward passes in bf16 autocast (logits reduced in fp32): about 2x faster on
-    AMX CPUs (and GPUs), metrics within 0.1 point (docs/benchmarks.md)."""
+    AMX CPUs (and GPUs), metrics within 0.1 point (docs/benchmarks.md). With `recalibration`
+    (batches of training images), each sampled network is evaluated with BatchNorm statistics
+    re-estimated at its own eps (`bn_recalibration`), one network at a time."""
     net.eval()
     bayesian = isinstance(net, Posterior)
     k_total = num_samples if bayesian else 1
     device = next(net.parameters()).device
     mode = choose_mode(device) if mode == "auto" else mode
+    if recalibration is not None:  # statistics belong to one network: no vmap over several
+        mode, chunk = "loop", 1
     labels = torch.cat([y for _, y in loader.batches()])
     n = len(labels)
     ens = aleatoric = mean_probs = kept = None
@@ -100,28 +109,32 @@ def predict(
         ks = range(start, min(start + chunk, k_total))
         eps = sample_eps(net, seed, ks) if bayesian else None
         offset = 0
-        for x, y in loader.batches():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
-            logp = logits.float().log_softmax(-1)  # [S, B, C]
-            probs = logp.exp()
-            if ens is None and int(y.max()) >= probs.shape[-1]:
-                raise ConfigError(f"labels go up to {int(y.max())} but the network has {probs.shape[-1]} classes")
-            if ens is None:
-                ens = torch.zeros(n, probs.shape[-1], device=device, dtype=torch.float64)
-                aleatoric = torch.zeros(n, device=device, dtype=torch.float64)
-                if keep_probs:
-                    kept = torch.zeros(k_total, n, probs.shape[-1], dtype=torch.float16)
-            rows = slice(offset, offset + len(y))
-            ens[rows] += probs.sum(0).double()
-            aleatoric[rows] += -(probs * logp).sum(-1).sum(0).double()
-            correct[start:ks.stop] += (logits.argmax(-1) == y).sum(1)
-            nll[start:ks.stop] += -logp.gather(-1, y.expand(len(ks), -1)[..., None]).squeeze(-1).sum(1).double()
-            if kept is not None:
-                kept[start:ks.stop, rows] = probs.half().cpu()
-            offset += len(y)
+        # recalibration: BatchNorm statistics of this one sampled network (chunk = 1)
+        stats = nullcontext() if recalibration is None else recalibrated(net, eps[0] if bayesian else None, recalibration)
+        with stats:
+            for x, y in loader.batches():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
+                logp = logits.float().log_softmax(-1)  # [S, B, C]
+                probs = logp.exp()
+                if ens is None and int(y.max()) >= probs.shape[-1]:
+                    raise ConfigError(f"labels go up to {int(y.max())} but the network has {probs.shape[-1]} classes")
+                if ens is None:
+                    ens = torch.zeros(n, probs.shape[-1], device=device, dtype=torch.float64)
+                    aleatoric = torch.zeros(n, device=device, dtype=torch.float64)
+                    if keep_probs:
+                        kept = torch.zeros(k_total, n, probs.shape[-1], dtype=torch.float16)
+                rows = slice(offset, offset + len(y))
+                ens[rows] += probs.sum(0).double()
+                aleatoric[rows] += -(probs * logp).sum(-1).sum(0).double()
+                correct[start:ks.stop] += (logits.argmax(-1) == y).sum(1)
+                nll[start:ks.stop] += -logp.gather(-1, y.expand(len(ks), -1)[..., None]).squeeze(-1).sum(1).double()
+                if kept is not None:
+                    kept[start:ks.stop, rows] = probs.half().cpu()
+                offset += len(y)
     if bayesian:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        stats = nullcontext() if recalibration is None else recalibrated(net, "mean", recalibration)
+        with stats, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             mean_probs = torch.cat([net(x, "mean").float().softmax(-1) for x, _ in loader.batches()])
     return Predictions(
         labels=labels, ensemble_probs=(ens / k_total).float(), aleatoric=(aleatoric / k_total).float(),
@@ -217,8 +230,13 @@ def evaluate_run(
     device: str = "auto",
     progress: bool = True,
     amp: bool = False,
+    bn_recalibrate: bool | Recalibration = False,
 ) -> dict[str, Any]:
-    """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval."""
+    """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval.
+
+    `bn_recalibrate` (True or a `Recalibration`) evaluates every sampled network with BatchNorm
+    statistics re-estimated at its own eps from a fixed set of training images; its results go
+    to RUN/eval-recalibrated unless `out` says otherwise."""
 
     if num_samples <= 0:
         raise ConfigError(f"--samples must be > 0, got {num_samples}")
@@ -227,13 +245,20 @@ def evaluate_run(
     if data_root is not None:
         cfg.data_root = data_root
     run_dir = checkpoint_path(run).parent
-    out = Path(out) if out else run_dir / "eval"
+    recal = Recalibration() if bn_recalibrate is True else bn_recalibrate or None
+    out = Path(out) if out else run_dir / ("eval-recalibrated" if recal else "eval")
     out.mkdir(parents=True, exist_ok=True)
     mode = choose_mode(dev) if mode == "auto" else mode
     data = build_data(cfg, dev)
+    recal_batches = recalibration_batches(cfg, info, recal, dev) if recal else None
+    if recal_batches is not None:
+        mode = "loop"
     pred, seconds = timed_predict(net, data.test, num_samples=num_samples, seed=seed, mode=mode, keep_probs=save_probs,
-                                  amp=amp)
-    result = {"run": str(run_dir), "config": cfg.to_dict(), **summarize(pred),
+                                  amp=amp, recalibration=recal_batches)
+    protocol = ({"batchnorm": "recalibrated per sampled network", "recalibration": dataclasses.asdict(recal),
+                 "recalibration_images": sum(len(x) for x in recal_batches)}
+                if recal else {"batchnorm": "running statistics"})
+    result = {"run": str(run_dir), "config": cfg.to_dict(), "protocol": protocol, **summarize(pred),
               "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": "bf16" if amp else "fp32"}}
     ood_scores = {}
     for name in ood or []:
@@ -246,7 +271,8 @@ def evaluate_run(
         ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
         loader = DeviceLoader(ood_data, min(500, len(ood_data.labels)), train=False, mean=info.mean,
                               std=info.std, augment=False, device=dev, channels_last=cfg.channels_last)
-        ood_pred = predict(net, loader, num_samples=num_samples, seed=seed, mode=mode, amp=amp)
+        ood_pred = predict(net, loader, num_samples=num_samples, seed=seed, mode=mode, amp=amp,
+                           recalibration=recal_batches)
         result.setdefault("ood", {})[name] = ood_summary(pred, ood_pred)
         ood_scores[name] = {s: (getattr(pred, s).cpu(), getattr(ood_pred, s).cpu()) for s in ("total", "epistemic")}
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
@@ -275,6 +301,14 @@ def evaluate_run(
         print(markdown_summary({label: result}))
         print(f"\n{num_samples} sampled models in {seconds:.1f} s ({mode}); results in {out}")
     return result
+
+
+def recalibration_batches(cfg: TrainConfig, info: Any, recal: Recalibration, device: torch.device) -> list[Tensor]:
+    """The fixed recalibration images of a run's training set, normalised, in batches on `device`."""
+    train = recal.images(subset(load_dataset(cfg.dataset, "train", cfg.data_root), cfg.train_subset))
+    loader = DeviceLoader(train, min(recal.batch_size, len(train)), train=False, mean=info.mean, std=info.std, augment=False,
+                          device=device, channels_last=cfg.channels_last)
+    return [x for x, _ in loader.batches()]
 
 
 def run_label(cfg: Any) -> str:

@@ -124,6 +124,14 @@ def _train_seconds(runs: list[dict]) -> float:
     return float(np.mean([r["meta"]["train_seconds"] for r in runs]))
 
 
+def _eval_seconds(meta: dict[str, Any]) -> str:
+    """Evaluation time: one number, or one per BatchNorm protocol."""
+    seconds = meta["eval_seconds"]
+    if isinstance(seconds, dict):
+        return " + ".join(f"{v:.0f}" for v in seconds.values())
+    return f"{seconds:.0f}"
+
+
 def _mean_std(values: list[float]) -> str:
     finite = [v for v in values if np.isfinite(v)]
     return report.mean_std(finite) if finite else "–"
@@ -207,7 +215,7 @@ def write_report(out: Path, tables: list[str], scale: str, experiments: list) ->
     lines += ["", "## Runs", "", report.markdown_table(
         ["run", "machine", "train s", "eval s", "re-run alone"],
         [[r["meta"]["name"], r["meta"]["machine"], f"{r['meta']['train_seconds']:.0f}",
-          f"{r['meta']['eval_seconds']:.0f}", f"`{r['meta']['command']}`"] for r in runs])]
+          _eval_seconds(r["meta"]), f"`{r['meta']['command']}`"] for r in runs])]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

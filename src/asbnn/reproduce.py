@@ -11,6 +11,7 @@ host is taken over. `report.md` is rewritten from whatever has finished.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -24,14 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from .checkpoint import atomic_write_text, read_jsonl
 from .config import make_config
 from .errors import ConfigError
 from .evaluate import evaluate_run
-from .train import CHECKPOINT, train
+from .posterior import Posterior
+from .train import CHECKPOINT, load_run, train
 
-TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")
+PAPER_TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")  # what "all" runs
+TABLES = (*PAPER_TABLES, "map")  # map: the regime map of where AS helps (not in the paper)
 CHEAP_EPOCH_FACTOR = 3  # free AS (2 passes) at 3x the epochs costs about what standard AS (N + 2) does
 AUTHORS_SIGMA = math.exp(0.15)
 
@@ -67,6 +71,25 @@ FACTOR_STUDY = (
 
 
 @dataclass(frozen=True)
+class RegimeMap:
+    """The grid of the regime map: what decides how widely VI's sampled networks spread, and how
+    AS acts on them. Every run is evaluated under both BatchNorm protocols and against `ood`."""
+
+    dataset: str
+    models: tuple[str, ...]
+    init_sigmas: tuple[float, ...]
+    schedules: tuple[str, ...]  # multistep (the paper's lr / 10 at 40 / 70 / 90 %) | constant
+    methods: tuple[str, ...] = ("vi", "as", "free")  # free: free AS, 2 passes a step
+    base: dict[str, Any] = field(default_factory=dict)
+    ood: tuple[str, ...] = ()
+    note: str = ""
+
+
+MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
+               "free": ("free AS", {"method": "as", "as_variant": "free"})}
+
+
+@dataclass(frozen=True)
 class Scale:
     pairs: tuple[tuple[str, str], ...]  # (dataset, model)
     base: dict[str, Any]
@@ -74,6 +97,7 @@ class Scale:
     variants: tuple[Variant, ...]
     lambdas: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     note: str = ""
+    regime_map: RegimeMap | None = None
 
 
 def _milestones(epochs: int) -> list[int]:
@@ -88,6 +112,11 @@ SCALES: dict[str, Scale] = {
                   lr_milestones=_milestones(2)),
         seeds=1, variants=(OURS_VI, OURS_AS, Variant("as", "update")), lambdas=(0.0, 0.8, 1.0),
         note="seconds; for tests only",
+        regime_map=RegimeMap(
+            "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.05,), schedules=("multistep",),
+            base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=3, as_steps=2,
+                      lr_milestones=_milestones(2)),
+            ood=("mnist",), note="seconds; for tests only"),
     ),
     "cpu": Scale(
         pairs=(("fashion-mnist", "lenet5"),),
@@ -95,6 +124,14 @@ SCALES: dict[str, Scale] = {
         seeds=3, variants=FACTOR_STUDY,
         note="LeNet-5 on a fixed 10,000-image subset of Fashion-MNIST, 10 epochs (lr / 10 at epochs 4, 7, 9), "
              "full 10,000-image test set, 100 sampled models",
+        regime_map=RegimeMap(
+            "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.02, 0.05, 0.15),
+            schedules=("multistep",),
+            base=dict(epochs=5, train_subset=20000, lr_milestones=_milestones(5)),
+            ood=("mnist",),
+            note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
+                 "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on the "
+                 "10,000 test images under both BatchNorm protocols, MNIST as the OOD set"),
     ),
     "full": Scale(
         pairs=tuple((d, m) for d in ("cifar10", "cifar100") for m in ("resnet20", "resnet56", "vgg16_bn")),
@@ -114,14 +151,23 @@ class Experiment:
     init_from: Experiment | None = None
     tables: set[str] = field(default_factory=set)
     key: str = ""
+    protocols: tuple[str, ...] = ("running",)  # BatchNorm protocols of its evaluation; "recalibrated" too
+    ood: tuple[str, ...] = ()
 
 
-#: Modules that only present results; editing them does not make finished runs stale.
+#: Raised by hand whenever a change is meant to change results (what a run of a given config computes).
+#: Run keys hash the config and this number, not the source files, so moving or refactoring code keeps
+#: finished runs; every run records the exact code that made it (`code_fingerprint`), and the report
+#: lists each fingerprint it mixes. History: 1 = keyed by source (before 2026-11-29); 2 = this scheme,
+#: with evaluation under both BatchNorm protocols where a scale asks for it.
+RESULTS_VERSION = 2
+
+#: Modules that only present results; editing them does not change the fingerprint.
 PRESENTATION = {"cli.py", "report.py", "paper_report.py", "quickstart.py", "reproduce.py"}
 
 
 def code_fingerprint() -> str:
-    """A hash of the code that decides results: runs made by other code never count as done."""
+    """A hash of the code that decides results, recorded in every run's done.json."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
     for path in sorted(root.rglob("*.py")):
@@ -136,18 +182,31 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
     n_seeds = seeds or scale.seeds
     wanted = set(tables)
     if "all" in wanted:
-        wanted = set(TABLES)
+        wanted = (wanted - {"all"}) | set(PAPER_TABLES)
     experiments: dict[str, Experiment] = {}
 
     def add(table: str, name: str, overrides: dict[str, Any], columns: dict[str, Any],
-            init_from: Experiment | None = None) -> Experiment:
-        exp = Experiment(name, {**scale.base, **overrides}, columns, init_from)
+            init_from: Experiment | None = None, base: dict[str, Any] | None = None,
+            protocols: tuple[str, ...] = ("running",), ood: tuple[str, ...] = ()) -> Experiment:
+        exp = Experiment(name, {**(scale.base if base is None else base), **overrides}, columns, init_from,
+                         protocols=protocols, ood=ood)
         exp.key = _key(exp)
         exp = experiments.setdefault(exp.key, exp)
         exp.tables.add(table)
         exp.columns.update(columns)
         return exp
 
+    grid = scale.regime_map
+    if "map" in wanted and grid is not None:  # every cell's VI first, then AS, then free AS; seed by seed
+        for seed, method, model, schedule, sigma in itertools.product(
+                range(n_seeds), grid.methods, grid.models, grid.schedules, grid.init_sigmas):
+            label, overrides = MAP_METHODS[method]
+            add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
+                {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
+                 "seed": seed, **overrides},
+                {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
+                 "seed": seed},
+                base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
@@ -186,7 +245,7 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
 def _key(exp: Experiment) -> str:
     config = make_config(overrides=exp.overrides).to_dict()
     identity = {"config": config, "init_from": exp.init_from.key if exp.init_from else None,
-                "code": code_fingerprint()}
+                "results_version": RESULTS_VERSION, "protocols": list(exp.protocols)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -248,13 +307,17 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         train_dir = folder / "run"
         began = time.perf_counter()
         train(cfg, train_dir, resume=(train_dir / CHECKPOINT).exists(), progress=progress)
-        result = evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False)
+        results = {protocol: evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
+                                          ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
+                   for protocol in exp.protocols}
         log = read_jsonl(train_dir / "log.jsonl")
         precision = " and ".join(sorted({r.get("precision", "unknown precision") for r in log}))
         meta = {
             "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "columns": exp.columns, "scale": scale,
             "code": code_fingerprint(), "machine": f"{machine()}, training steps in {precision}",
-            "train_seconds": sum(r["epoch_time"] for r in log), "eval_seconds": result["timing"]["seconds"],
+            "train_seconds": sum(r["epoch_time"] for r in log),
+            "eval_seconds": {protocol: r["timing"]["seconds"] for protocol, r in results.items()},
+            "posterior_width": posterior_width(train_dir),
             "this_call_seconds": time.perf_counter() - began,
             "command": f"asbnn train {train_dir / 'config.yaml'} --out {train_dir} --resume",
         }
@@ -264,10 +327,41 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         (folder / "lock").unlink(missing_ok=True)
 
 
+def posterior_width(run: Path) -> dict[str, float]:
+    """sigma / |mu| of a trained posterior by kind of parameter (mean sigma over mean |mu|): how
+    wide the posterior is relative to its weights. Empty for a deterministic run."""
+    net, _, _ = load_run(run)
+    if not isinstance(net, Posterior):
+        return {}
+    modules = dict(net.model.named_modules())
+    kinds: dict[str, list[Tensor]] = {}
+    for name, mu, sigma in zip(net.names, net.mu.detach().split(net.sizes), net.sigma().detach().split(net.sizes)):
+        module = modules[name.rpartition(".")[0]]
+        kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else (
+            "linear" if isinstance(module, nn.Linear) else
+            "batchnorm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "other")
+        kinds.setdefault(kind, []).append(torch.stack([sigma.sum(), mu.abs().sum()]))
+    return {kind: float(sum(parts)[0] / sum(parts)[1]) for kind, parts in sorted(kinds.items())}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {platform.processor() or platform.system()} (torch {torch.__version__})"
+    return f"{cpu_name()}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def cpu_name() -> str:
+    """The CPU model and the bf16 features that decide its speed (AMX, AVX-512 bf16), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 f"{platform.machine()} CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    features = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 bf16"), ("avx2", "AVX2"))
+                if flag in flags]
+    return f"{model} ({', '.join(features) or 'no AVX2'})"
 
 
 def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None = None,
@@ -280,6 +374,8 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
         raise ConfigError(f"unknown table {unknown[0]}; valid: {', '.join((*TABLES, 'all'))}")
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}'; valid: {', '.join(SCALES)}")
+    if "map" in tables and SCALES[scale].regime_map is None:
+        raise ConfigError(f"scale '{scale}' has no regime map; use --scale cpu (or smoke)")
     if seeds is not None and seeds <= 0:
         raise ConfigError(f"--seeds must be > 0, got {seeds}")
     out = Path(out)

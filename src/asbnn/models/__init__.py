@@ -45,6 +45,6 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.M
 
 
 # imported last: the submodules register themselves through the decorator above
-from asbnn.models import lenet, mlp, resnet, vgg  # noqa: E402,F401
+from asbnn.models import allconv, lenet, mlp, resnet, vgg  # noqa: E402,F401
 
 __all__ = ["register_model", "create_model", "list_models"]
