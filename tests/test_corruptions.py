@@ -44,7 +44,7 @@ def test_contrast_on_2x2():
     image = np.array([[[0, 100], [200, 100]]], dtype=np.uint8)
     assert corrupt(image, "contrast", 1, 0).tolist() == [[[25, 100], [175, 100]]]
     # per channel: a constant channel stays; severity 5 (.15): 100 +- 100 * .15
-    rgb = np.stack([image[0], grey(7, (2, 2)), image[0] * 2 // 5], -1)[None]
+    rgb = np.stack([image[0], grey(7, (2, 2)), np.array([[0, 40], [80, 40]], dtype=np.uint8)], -1)[None]
     out = corrupt(rgb, "contrast", 5, 0)
     assert out[0, ..., 0].tolist() == [[85, 100], [115, 100]] and (out[..., 1] == 7).all()
     assert out[0, ..., 2].tolist() == [[34, 40], [46, 40]]  # mean 40: 40 -+ 40 * .15
