@@ -246,8 +246,8 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
     As T -> 0 this tends to `max_logit_score`.
     """
     _check_logits(logits)
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
     return -temperature * torch.logsumexp(logits / temperature, dim=-1)
 
 
