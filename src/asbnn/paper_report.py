@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import report
+from .map_report import map_section
 from .checkpoint import atomic_write_text, read_jsonl
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
@@ -41,9 +42,12 @@ def _load(out: Path, experiments: list) -> list[dict[str, Any]]:
         folder = run_dir(out, exp)
         if not (folder / "done.json").is_file():
             continue
+        evals = {protocol: json.loads((folder / "run" / sub / "eval.json").read_text())
+                 for protocol, sub in (("running", "eval"), ("recalibrated", "eval-recalibrated"))
+                 if (folder / "run" / sub / "eval.json").is_file()}
         runs.append({
             "exp": exp, "meta": json.loads((folder / "done.json").read_text()),
-            "eval": json.loads((folder / "run" / "eval" / "eval.json").read_text()),
+            "eval": evals["running"], "evals": evals,
             "log": read_jsonl(folder / "run" / "log.jsonl"),
         })
     return runs
@@ -148,8 +152,8 @@ def write_report(out: Path, tables: list[str], scale: str, experiments: list) ->
     lines = [
         f"# Adversarial Sampling, reproduced at the `{scale}` scale",
         "",
-        f"Scale: {SCALES[scale].note}. Made by `asbnn reproduce {' '.join(sorted(wanted))} --scale {scale} "
-        f"--out {out}` (code {code_fingerprint()}), last written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"Scale: {SCALES[scale].note if wanted != {'map'} else SCALES[scale].regime_map.note}. Made by `asbnn reproduce {' '.join(sorted(wanted))} --scale {scale} "
+        f"--out {out}` (report code {code_fingerprint()}), last written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"on: {'; '.join(machines) or 'nothing finished yet'}.",
         f"{len(runs)} of {len(experiments)} runs finished. Accuracies in %, mean ± std over seeds; "
         "'paper' columns are the paper's numbers where its data set and model match ours, '–' where not.",
@@ -212,9 +216,13 @@ def write_report(out: Path, tables: list[str], scale: str, experiments: list) ->
         lines += ["", "## Cheaper AS: free AS (2 passes per step) against standard AS (N + 2)", "",
                   report.markdown_table(["variant", "seeds", "train s (mean)", *METRICS], rows), "",
                   "Rows are sorted by training time; compare rows of similar time for the equal-wall-clock view."]
-    lines += ["", "## Runs", "", report.markdown_table(
-        ["run", "machine", "train s", "eval s", "re-run alone"],
-        [[r["meta"]["name"], r["meta"]["machine"], f"{r['meta']['train_seconds']:.0f}",
+    map_runs = [r for r in runs if "map" in r["exp"].tables]
+    if "map" in wanted and map_runs:
+        lines += map_section(map_runs, plots, SCALES[scale].regime_map.note)
+    lines += ["", "## Runs", "", "Code: the fingerprint of the result-deciding modules that made each run.", "",
+              report.markdown_table(
+        ["run", "machine", "code", "train s", "eval s", "re-run alone"],
+        [[r["meta"]["name"], r["meta"]["machine"], r["meta"].get("code", "–"), f"{r['meta']['train_seconds']:.0f}",
           _eval_seconds(r["meta"]), f"`{r['meta']['command']}`"] for r in runs])]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
