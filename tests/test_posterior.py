@@ -300,6 +300,8 @@ def test_include_selects_parameters_by_name():
     assert Posterior(Scaled(), include=["*"], layer_types=()).names == post.names
     assert Posterior(Scaled(), include=["scale"], exclude=["lin.*"]).names == ["scale"]
     assert Posterior(Scaled(), include=["*"], exclude=["*.bias"]).names == ["scale", "lin.weight"]
+    with pytest.raises(ConfigError, match=r"exclude takes a list of globs, got the string 'lin.bias'; write \['lin.bias'\]"):
+        Posterior(Scaled(), exclude="lin.bias")
 
 
 def test_the_users_module_is_left_untouched():
@@ -340,3 +342,12 @@ def test_eps_of_the_wrong_length_shape_dtype_or_device_is_refused():
             post(x, bad)
     with pytest.raises(ConfigError, match="weights must be"):
         post(x, weights=post.mu[:-1])
+
+
+def test_a_module_that_cannot_be_copied_is_refused_clearly():
+    import threading
+
+    net = mlp()
+    net.lock = threading.Lock()  # e.g. a module that holds a lock or an open file
+    with pytest.raises(ConfigError, match="own copy of the module, and this Sequential cannot be deep-copied"):
+        Posterior(net)

@@ -121,6 +121,9 @@ def _bayesian_tensors(
     parameter, so it gets one mu / rho and one sample used everywhere. It is chosen when any of its
     names is (by layer type or an `include` glob) and none matches an `exclude` glob.
     """
+    for label, patterns in (("include", include), ("exclude", exclude)):
+        if isinstance(patterns, str):  # would be read letter by letter, matching nothing
+            raise ConfigError(f"{label} takes a list of globs, got the string {patterns!r}; write [{patterns!r}]")
     found: dict[int, _Shared] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
