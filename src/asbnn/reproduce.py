@@ -10,6 +10,7 @@ host is taken over. `report.md` is rewritten from whatever has finished.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -168,8 +169,11 @@ RESULTS_VERSION = 2
 PRESENTATION = {"cli.py", "report.py", "paper_report.py", "quickstart.py", "reproduce.py"}
 
 
+@functools.cache
 def code_fingerprint() -> str:
-    """A hash of the code that decides results, recorded in every run's done.json."""
+    """A hash of the code that decides results, recorded in every run's done.json. Read once per
+    process (first use, at the latest when the first run finishes), so later edits of the files on
+    disk are not attributed to a worker that is still running older code."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
     for path in sorted(root.rglob("*.py")):
@@ -381,6 +385,7 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
     if seeds is not None and seeds <= 0:
         raise ConfigError(f"--seeds must be > 0, got {seeds}")
     out = Path(out)
+    code_fingerprint()  # the code this process runs, before anything can change on disk
     experiments = plan(tables, scale, seeds)
     pending = list(experiments)
     while pending:
