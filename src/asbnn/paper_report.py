@@ -128,6 +128,27 @@ def _train_seconds(runs: list[dict]) -> float:
     return float(np.mean([r["meta"]["train_seconds"] for r in runs]))
 
 
+def _protocol_table(runs: list[dict]) -> str:
+    """Per variant and BatchNorm protocol: the sampled-model spread, NLL, ECE and OOD AUROC."""
+    rows = []
+    for (variant,), group in sorted(_group(runs, "variant").items()):
+        for protocol in ("running", "recalibrated"):
+            evals = [r["evals"][protocol] for r in group if protocol in r["evals"]]
+            if not evals:
+                continue
+            ood = [by["total"]["auroc"] for e in evals for by in e.get("ood", {}).values()]
+            rows.append([variant, protocol, len(evals),
+                         report.mean_std([100 * e["sampled"]["lowest"] for e in evals]),
+                         report.mean_std([100 * e["sampled"]["highest"] for e in evals]),
+                         report.mean_std([100 * e["sampled"]["std"] for e in evals]),
+                         report.mean_std([100 * e["ensemble"]["accuracy"] for e in evals]),
+                         report.mean_std([e["ensemble"]["nll"] for e in evals], digits=3),
+                         report.mean_std([100 * e["ensemble"]["ece"] for e in evals]),
+                         report.mean_std([100 * v for v in ood]) if ood else "–"])
+    return report.markdown_table(["variant", "BatchNorm statistics", "seeds", "lowest", "highest", "std",
+                                  "ensemble", "ens. NLL", "ECE", "OOD AUROC"], rows)
+
+
 def _eval_seconds(meta: dict[str, Any]) -> str:
     """Evaluation time: one number, or one per BatchNorm protocol."""
     seconds = meta["eval_seconds"]
@@ -175,6 +196,9 @@ def write_report(out: Path, tables: list[str], scale: str, experiments: list) ->
                   _accuracy_table(t2, "2", paper, METRICS), "",
                   f"Deterministic starting points: {report.mean_std(_values(dets, 'ensemble'))} % test accuracy.",
                   "", _gain_table(t2, "2", paper, METRICS)]
+        if any("recalibrated" in r["evals"] for r in t2):
+            lines += ["", "### Both BatchNorm protocols, with calibration and OOD detection", "",
+                      _protocol_table(t2)]
     if "table3" in wanted and t1:
         lines += ["", "## Table 3: selective prediction (ensemble accuracy on the inputs of lowest total uncertainty)",
                   "", _accuracy_table(t1, "3", paper, RETAIN)]

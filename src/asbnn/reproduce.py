@@ -99,6 +99,14 @@ class Scale:
     lambdas: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     note: str = ""
     regime_map: RegimeMap | None = None
+    # Table 2 (Bayesian fine-tune): the deterministic network's own recipe (else `base`), the
+    # methods fine-tuned from it (keys of MAP_METHODS), whether every seed starts from seed 0's
+    # network, and how the fine-tunes are evaluated.
+    pretrain: dict[str, Any] | None = None
+    finetune_methods: tuple[str, ...] = ("vi", "as")
+    one_pretrained: bool = False
+    protocols: tuple[str, ...] = ("running",)
+    ood: tuple[str, ...] = ()
 
 
 def _milestones(epochs: int) -> list[int]:
@@ -135,6 +143,20 @@ SCALES: dict[str, Scale] = {
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
                  "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set"),
+    ),
+    "mid": Scale(
+        pairs=(("cifar10", "resnet20"),),
+        base=dict(epochs=3, lr=0.001, schedule="cosine", test_subset=2000),
+        seeds=2, variants=(OURS_VI, OURS_AS),
+        pretrain=dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", epochs=30,
+                      batch_size=128, test_subset=2000),
+        finetune_methods=("vi", "as", "free"), one_pretrained=True,
+        protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",),
+        note="the paper's Table 2 protocol on 2 CPU cores: a deterministic ResNet-20 trained on CIFAR-10 (SGD lr 0.1, "
+             "momentum 0.9, weight decay 5e-4, cosine, 30 epochs, batch 128), then VI, AS and free AS fine-tunes of "
+             "3 epochs each from it (Adam lr 0.001, cosine, init sigma 0.05), every seed from the same network; "
+             "100 sampled models on a fixed 2,000-image subset of the test set under both BatchNorm protocols, "
+             "2,000 Tiny ImageNet validation images as the OOD set",
     ),
     "full": Scale(
         pairs=tuple((d, m) for d in ("cifar10", "cifar100") for m in ("resnet20", "resnet56", "vgg16_bn")),
@@ -241,10 +263,16 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                     add("cheap", f"{dataset}-{model}-{tag}-s{seed}", {**common, **v.overrides(), **extra},
                         {**cols, "cheap": label})
             if "table2" in wanted:
-                det = add("table2-det", f"{dataset}-{model}-det-s{seed}", {**common, "method": "deterministic"}, cols)
-                for v in (OURS_VI, OURS_AS):
-                    add("table2", f"{dataset}-{model}-finetune-{v.method}-s{seed}", {**common, **v.overrides()},
-                        {**cols, "variant": v.label}, init_from=det)
+                det_seed = 0 if scale.one_pretrained else seed
+                det = add("table2-det", f"{dataset}-{model}-det-s{det_seed}",
+                          {**common, "seed": det_seed, "method": "deterministic"}, {**cols, "seed": det_seed},
+                          base=scale.pretrain)
+                for method in scale.finetune_methods:
+                    label, overrides = MAP_METHODS[method]
+                    variant = OURS_VI if method == "vi" else OURS_AS
+                    add("table2", f"{dataset}-{model}-finetune-{method}-s{seed}", {**common, **overrides},
+                        {**cols, "variant": variant.label if method != "free" else f"free {variant.label}",
+                         "method": method}, init_from=det, protocols=scale.protocols, ood=scale.ood)
     return list(experiments.values())
 
 
