@@ -123,3 +123,35 @@ def test_free_as_carries_eps_one_sign_step_per_training_step(posterior, batch):
     assert torch.allclose(e2, e1 + 0.02 * g1.sign())
     assert (e3 - e2).abs().max() > 0.1  # after `steps` steps eps_adv is redrawn
     assert parts.adv is not None and torch.isfinite(parts.total)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"step_size": float("inf")}, r"as_step_size \(alpha\) must be >= 0 and finite, got inf"),
+    ({"step_size": float("nan")}, "alpha"), ({"step_size": "0.02"}, "alpha"), ({"steps": True}, "integer"),
+])
+def test_non_finite_as_configs(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ASConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kl_weight", [-1.0, float("nan"), float("inf"), torch.tensor(0.1)])
+def test_bad_kl_weights_are_refused(posterior, batch, kl_weight):
+    from asbnn.adversarial import FreeAdversarialSampler
+
+    x, y = batch
+    with pytest.raises(ConfigError, match="kl_weight must be >= 0 and finite"):
+        bayes_loss(posterior, x[:4], y[:4], kl_weight=kl_weight)
+    with pytest.raises(ConfigError, match="kl_weight must be >= 0 and finite"):
+        FreeAdversarialSampler(posterior).loss(x[:4], y[:4], kl_weight=kl_weight)
+
+
+def test_adversarial_search_refuses_bad_eps_and_settings(posterior, batch):
+    x, y = batch
+    eps = posterior.sample_eps()
+    for bad in (eps[:1], eps[:-1], eps.double()):  # eps[:1] would broadcast silently over every weight
+        with pytest.raises(ConfigError, match="eps must be a torch.float32 tensor of shape"):
+            adversarial_eps(posterior, x[:4], y[:4], bad, steps=1, step_size=0.02)
+    with pytest.raises(ConfigError, match="alpha"):
+        adversarial_eps(posterior, x[:4], y[:4], eps, steps=1, step_size=float("inf"))
+    with pytest.raises(ConfigError, match="as_steps"):
+        adversarial_eps(posterior, x[:4], y[:4], eps, steps=-1, step_size=0.02)

@@ -15,7 +15,7 @@ def run_cli(capsys, *args):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model=resnet21"], "unknown model 'resnet21'; valid: lenet5, mlp, resnet20"),
+    (["model=resnet21"], "unknown model 'resnet21'; valid: allconv, lenet5, mlp, resnet20"),
     (["dataset=cifar11"], "unknown dataset 'cifar11'; valid: cifar10, cifar100"),
     (["as_lambda=1.5"], "as_lambda must be in [0, 1]"),
     (["as_lambda=-0.2"], "as_lambda must be in [0, 1]"),

@@ -8,8 +8,7 @@ import torch
 from asbnn import metrics
 from asbnn.config import make_config
 from asbnn.build import build_data
-from asbnn.evaluate import sampled_predictions as predict
-from asbnn.evaluate import summarize
+from asbnn.evaluate import sampled_predictions, summarize
 from asbnn.results import compare_runs, evaluate_run
 from asbnn.runfolder import load_run
 from asbnn.train import train
@@ -31,8 +30,8 @@ def loaded(run):
 
 def test_batched_and_looped_evaluation_agree(loaded):
     net, test = loaded
-    batched = predict(net, test, num_samples=7, seed=3, mode="batched", chunk=3, keep_probs=True)
-    looped = predict(net, test, num_samples=7, seed=3, mode="loop", chunk=5, keep_probs=True)
+    batched = sampled_predictions(net, test, num_samples=7, seed=3, mode="batched", chunk=3, keep_probs=True)
+    looped = sampled_predictions(net, test, num_samples=7, seed=3, mode="loop", chunk=5, keep_probs=True)
     assert torch.equal(batched.sample_correct, looped.sample_correct)
     assert torch.allclose(batched.ensemble_probs, looped.ensemble_probs, atol=1e-5)
     assert torch.allclose(batched.sample_nll, looped.sample_nll, rtol=1e-4)
@@ -45,8 +44,8 @@ def test_batched_and_looped_evaluation_agree(loaded):
 
 def test_bf16_evaluation_is_close_to_fp32(loaded):
     net, test = loaded
-    fp32 = predict(net, test, num_samples=4, seed=3)
-    bf16 = predict(net, test, num_samples=4, seed=3, amp=True)
+    fp32 = sampled_predictions(net, test, num_samples=4, seed=3)
+    bf16 = sampled_predictions(net, test, num_samples=4, seed=3, amp=True)
     assert not torch.equal(bf16.ensemble_probs, fp32.ensemble_probs)  # the forward passes really ran in bf16
     assert (bf16.ensemble_probs - fp32.ensemble_probs).abs().max() < 0.05
     assert (bf16.sample_correct - fp32.sample_correct).abs().max() <= 0.01 * len(fp32.labels)
@@ -55,16 +54,16 @@ def test_bf16_evaluation_is_close_to_fp32(loaded):
 
 def test_same_seed_same_numbers_and_other_seed_other_samples(loaded):
     net, test = loaded
-    a = summarize(predict(net, test, num_samples=5, seed=1))
-    b = summarize(predict(net, test, num_samples=5, seed=1))
-    c = summarize(predict(net, test, num_samples=5, seed=2))
+    a = summarize(sampled_predictions(net, test, num_samples=5, seed=1))
+    b = summarize(sampled_predictions(net, test, num_samples=5, seed=1))
+    c = summarize(sampled_predictions(net, test, num_samples=5, seed=2))
     assert a == b
     assert a["per_sample_accuracy"] != c["per_sample_accuracy"]
 
 
 def test_summary_is_consistent(loaded):
     net, test = loaded
-    s = summarize(predict(net, test, num_samples=10, seed=0))
+    s = summarize(sampled_predictions(net, test, num_samples=10, seed=0))
     acc = s["per_sample_accuracy"]
     assert s["sampled"]["lowest"] == min(acc) < s["sampled"]["highest"] == max(acc)
     assert s["sampled"]["lowest"] > 0.5  # a trained network, chance is 0.1
@@ -121,7 +120,7 @@ def test_labels_beyond_the_networks_classes_get_a_clear_error(loaded):
     data = ArrayDataset(np.zeros((4, 28, 28, 1), np.uint8), np.array([0, 1, 2, 17]), [str(i) for i in range(18)])
     loader = DeviceLoader(data, 4, train=False, mean=(0.5,), std=(0.5,), augment=False)
     with pytest.raises(ConfigError, match="labels go up to 17 but the network has 10 classes"):
-        predict(net, loader, num_samples=2)
+        sampled_predictions(net, loader, num_samples=2)
 
 
 def test_eval_amp_follows_the_precision_policy_of_training(run, tmp_path):

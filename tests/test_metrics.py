@@ -195,6 +195,71 @@ def test_aupr():
     assert M.aupr(torch.zeros(3), torch.ones(2)).item() == 1.0
 
 
+
+def test_aupr_in():
+    # in-distribution positive, ranked by -score, i.e. ascending score:
+    # thresholds .1 (TP 1, FP 0) .35 (2, 1) .4 (3, 1) .8 (4, 2) .9 (4, 3)
+    # recall steps 1/4 each at precision 1, 2/3, 3/4, 2/3 -> AP = 37/48
+    assert M.aupr_in(SCORE_IN, SCORE_OUT).item() == pytest.approx(37 / 48)
+    assert M.aupr_in(torch.zeros(3), torch.ones(2)).item() == 1.0
+    # swapping roles and negating turns one into the other
+    assert M.aupr_in(SCORE_IN, SCORE_OUT).item() == pytest.approx(M.aupr(-SCORE_OUT, -SCORE_IN).item())
+
+
+def brute_force_average_precision(positive: list[float], negative: list[float]) -> float:
+    """Flag every score >= t for each distinct t, high to low; sum recall gain times precision."""
+    ap, last_recall = 0.0, 0.0
+    for t in sorted(set(positive) | set(negative), reverse=True):
+        tp = sum(s >= t for s in positive)
+        fp = sum(s >= t for s in negative)
+        recall = tp / len(positive)
+        ap += (recall - last_recall) * tp / (tp + fp)
+        last_recall = recall
+    return ap
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_aupr_and_aupr_in_match_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    # coarse rounding makes many ties within and across the two sets
+    score_in = (torch.randn(40, generator=g) * 2).round().double()
+    score_out = (torch.randn(25, generator=g) * 2 + 1).round().double()
+    expected_out = brute_force_average_precision(score_out.tolist(), score_in.tolist())
+    expected_in = brute_force_average_precision((-score_in).tolist(), (-score_out).tolist())
+    assert M.aupr(score_in, score_out).item() == pytest.approx(expected_out, abs=1e-12)
+    assert M.aupr_in(score_in, score_out).item() == pytest.approx(expected_in, abs=1e-12)
+
+
+def test_energy_score_hand_values():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    # -ln(e^0 + e^0) = -ln 2 ; -ln(e + e^2)
+    expected = torch.tensor([-math.log(2), -math.log(math.e + math.e**2)], dtype=torch.float64)
+    torch.testing.assert_close(M.energy_score(logits), expected)
+    # T = 2: -2 ln(e^.5 + e^1)
+    assert M.energy_score(logits[1:], temperature=2.0).item() == pytest.approx(
+        -2 * math.log(math.exp(0.5) + math.exp(1.0))
+    )
+
+
+def test_energy_score_properties():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 10, generator=g, dtype=torch.float64) * 3
+    # a shift of every logit by c shifts the energy by -c
+    torch.testing.assert_close(M.energy_score(logits + 5), M.energy_score(logits) - 5)
+    # T -> 0 approaches the max-logit score; the gap is at most T ln C
+    close = M.energy_score(logits, temperature=1e-3)
+    assert ((close - M.max_logit_score(logits)).abs() <= 1e-3 * math.log(10) + 1e-12).all()
+    # stable for huge logits
+    assert M.energy_score(torch.tensor([[1000.0, 1000.0]])).item() == pytest.approx(-1000 - math.log(2))
+
+
+def test_logit_scores_rank_confident_inputs_as_in_distribution():
+    confident = torch.tensor([[10.0, 0.0, 0.0], [0.0, 8.0, 1.0]])
+    flat = torch.tensor([[0.1, 0.0, 0.2], [0.3, 0.3, 0.3]])
+    for score in (M.energy_score, M.max_logit_score):
+        assert M.auroc(score(confident), score(flat)).item() == 1.0
+    torch.testing.assert_close(M.max_logit_score(confident), torch.tensor([-10.0, -8.0]))
+
 def test_fpr_at_tpr():
     # OOD scores 1..20: flagging ceil(.95 * 20) = 19 of them needs threshold 2
     # in-distribution scores >= 2: 2, 2.5, 3, 10 -> 4 / 8
@@ -224,6 +289,10 @@ def test_float32_inputs_give_float32_outputs():
         (lambda: M.risk_coverage(CORRECT, SCORE[:2]), "correct"),
         (lambda: M.fpr_at_tpr(SCORE_IN, SCORE_OUT, tpr=1.5), "tpr"),
         (lambda: M.auroc(SCORE_IN, SCORE_OUT[:0]), "non-empty"),
+        (lambda: M.aupr_in(SCORE_IN[:0], SCORE_OUT), "non-empty"),
+        (lambda: M.energy_score(SCORE_IN), r"\[N, C\]"),
+        (lambda: M.energy_score(PROBS, temperature=0.0), "temperature"),
+        (lambda: M.max_logit_score(PROBS[:0]), r"\[N, C\]"),
     ],
 )
 def test_bad_arguments_raise_config_error(call, match):

@@ -8,6 +8,8 @@ from asbnn.models import create_model, list_models, register_model
 
 # (name, in_channels, input size) for every shape/functional test
 CASES = [
+    ("allconv", 1, 28),
+    ("allconv", 3, 32),
     ("lenet5", 1, 28),
     ("lenet5", 3, 32),
     ("resnet20", 3, 32),
@@ -39,11 +41,11 @@ def calibrated(name: str, in_channels: int, size: int) -> tuple[nn.Module, torch
 
 def test_list_models():
     resnets = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-    assert list_models() == ["lenet5", "mlp", *resnets, "vgg16_bn"]
+    assert list_models() == ["allconv", "lenet5", "mlp", *resnets, "vgg16_bn"]
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"unknown model 'resnet19'; valid: lenet5, mlp, resnet20, .*vgg16_bn"):
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet19'; valid: allconv, lenet5, mlp, resnet20, .*vgg16_bn"):
         create_model("resnet19")
 
 
@@ -70,6 +72,8 @@ def test_duplicate_registration_rejected():
         ("vgg16_bn", 3, 14_728_266),
         # 150 + 12 + 2400 + 32 + 48120 + 10164 + 850
         ("lenet5", 1, 61_728),
+        # 144 + 32 + 4608 + 64 + 18432 + 128 + 650
+        ("allconv", 1, 24_058),
     ],
 )
 def test_parameter_counts(name, in_channels, expected):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
@@ -134,3 +135,219 @@ def test_hand_written_kl_gradient_matches_autograd():
     reference.backward()
     assert torch.allclose(post.kl(), reference, rtol=1e-5)
     assert torch.allclose(post.mu.grad, mu2.grad, rtol=1e-5) and torch.allclose(post.rho.grad, rho2.grad, rtol=1e-4)
+
+
+class TiedLM(nn.Module):
+    """A language model whose output layer reuses the embedding matrix (weight tying)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(tokens))))
+
+
+def test_tied_weights_get_one_mu_and_one_sample_used_everywhere():
+    torch.manual_seed(0)
+    post = Posterior(TiedLM(), PosteriorConfig(init_sigma=0.1))
+    assert post.names == ["emb.weight", "mix.weight", "mix.bias"]  # chosen through the Linear head
+    assert post.num_bayesian == 11 * 6 + 6 * 6 + 6
+    assert {n for n, _ in post.named_parameters()} == {"mu", "rho"}  # no stale copy left to train
+    tokens, eps = torch.tensor([[1, 4, 7, 4]]), post.sample_eps()
+    w = post.weights(eps)
+    assert w["head.weight"] is w["emb.weight"]
+    leaf = w["emb.weight"].detach().requires_grad_(True)
+    expected = F.linear(torch.tanh(F.linear(F.embedding(tokens, leaf), w["mix.weight"], w["mix.bias"])), leaf)
+    assert torch.allclose(post(tokens, eps), expected)
+    # the gradient of the one shared mu slice sums both uses (embedding lookup and output layer)
+    expected.sum().backward()
+    post(tokens, eps).sum().backward()
+    assert torch.allclose(post.mu.grad[: 66].view(11, 6), leaf.grad)
+    fresh = TiedLM()
+    fresh.load_state_dict(post.mean_state_dict())
+    assert fresh.head.weight is fresh.emb.weight and torch.equal(fresh.emb.weight, post.weights("mean")["emb.weight"])
+
+
+class Twice(nn.Module):
+    """One block applied twice, and also registered under a second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.again = self.block
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.again(torch.relu(self.block(x)))))
+
+
+def test_a_module_used_twice_uses_one_sample():
+    torch.manual_seed(0)
+    post = Posterior(Twice(), PosteriorConfig(init_sigma=0.2))
+    assert post.names == ["block.weight", "block.bias", "out.weight", "out.bias"]
+    x, eps = torch.randn(5, 4), post.sample_eps()
+    w = post.weights(eps)
+    hidden = torch.relu(F.linear(torch.relu(F.linear(x, w["block.weight"], w["block.bias"])), w["block.weight"], w["block.bias"]))
+    assert torch.allclose(post(x, eps), F.linear(hidden, w["out.weight"], w["out.bias"]))
+    fresh = Twice()
+    fresh.load_state_dict(post.mean_state_dict())  # strict: both names of the block are there
+    assert torch.equal(fresh.again.weight, post.weights("mean")["block.weight"])
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_modules_dtype_is_kept(dtype):
+    torch.manual_seed(0)
+    net = mlp(dtype)
+    post = Posterior(net, PosteriorConfig(mu_init="module"))
+    assert post.mu.dtype == post.rho.dtype == post.sample_eps().dtype == dtype
+    x = torch.randn(4, 5, dtype=dtype)
+    assert torch.equal(post(x, "mean"), net(x))
+    kl = post.kl()  # summed in at least float32, whatever the module's dtype
+    assert kl.dtype == torch.promote_types(dtype, torch.float32) and torch.isfinite(kl)
+    (post(x).float().sum() + kl).backward()
+    assert post.mu.grad.dtype == dtype and post.rho.grad.abs().sum() > 0
+    paper = Posterior(mlp(dtype), PosteriorConfig(mu_init="paper"))
+    assert paper.mu.dtype == dtype
+
+
+def test_mixed_or_complex_dtypes_are_refused_by_name():
+    net = mlp()
+    net[2].double()
+    with pytest.raises(ConfigError, match=r"one dtype and device: 0.weight is torch.float32 on cpu, 2.weight is torch.float64"):
+        Posterior(net)
+    with pytest.raises(ConfigError, match="real floating point.*complex64"):
+        Posterior(nn.Linear(3, 2, dtype=torch.complex64))
+
+
+class Normed(nn.Module):
+    """Layers beyond conv / linear / BatchNorm, and a free parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.gn = nn.GroupNorm(2, 8)
+        self.lstm = nn.LSTM(8, 5, batch_first=True)
+        self.ln = nn.LayerNorm(5)
+        self.rms = nn.RMSNorm(5)
+        self.emb = nn.Embedding(9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gn(self.conv(x)).mean((2, 3))[:, None]
+        return self.rms(self.ln(self.lstm(h)[0][:, 0])) + self.emb.weight.sum()
+
+
+def test_paper_init_of_every_parameter_kind():
+    torch.manual_seed(0)
+    post = Posterior(Normed(), PosteriorConfig(mu_init="paper"), layer_types=(nn.Module,))
+    w = post.weights("mean")
+    for gain in ("gn.weight", "ln.weight", "rms.weight"):  # norm gains U(0, 1), like BatchNorm's
+        assert (w[gain] >= 0).all() and (w[gain] <= 1).all() and w[gain].std() > 0.1, gain
+    for bias in ("gn.bias", "ln.bias", "lstm.bias_ih_l0", "lstm.bias_hh_l0"):
+        assert torch.equal(w[bias], torch.zeros_like(w[bias])), bias
+    for name, fan_in in (("conv.weight", 9), ("conv.bias", 9), ("lstm.weight_ih_l0", 8), ("lstm.weight_hh_l0", 5),
+                         ("emb.weight", 5)):
+        bound = 1 / math.sqrt(fan_in)
+        assert w[name].abs().max() <= bound and w[name].std() > bound / 4, name
+    assert torch.isfinite(post(torch.randn(2, 1, 6, 6))).all()
+
+
+def test_paper_init_refuses_a_parameter_it_has_no_rule_for():
+    net = nn.Sequential(nn.Linear(3, 3), nn.PReLU(3))
+    with pytest.raises(ConfigError, match=r"mu_init='paper' has no rule for 1.weight \(PReLU"):
+        Posterior(net, PosteriorConfig(mu_init="paper"), layer_types=(nn.Module,))
+
+
+def test_paper_init_of_conv_linear_and_batchnorm_is_unchanged():
+    """The same random draws, in the same order, as the initialisation the published runs used."""
+    torch.manual_seed(3)
+    post = Posterior(small_net(), PosteriorConfig(mu_init="paper"))
+    torch.manual_seed(3)
+    small_net()  # building the layers draws their own initial weights first
+    conv, lin = 1 / math.sqrt(9), 1 / math.sqrt(4 * 6 * 6)
+    expected = torch.cat([
+        torch.empty(4 * 9).uniform_(-conv, conv), torch.empty(4).uniform_(-conv, conv),
+        torch.rand(4), torch.zeros(4),
+        torch.empty(3 * 144).uniform_(-lin, lin), torch.empty(3).uniform_(-lin, lin),
+    ])
+    assert torch.equal(post.mu, expected)
+
+
+class Scaled(nn.Module):
+    """A linear layer followed by a free learnable scale (a parameter outside any layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+def test_include_selects_parameters_by_name():
+    assert Posterior(Scaled()).names == ["lin.weight", "lin.bias"]
+    post = Posterior(Scaled(), include=["scale"])
+    assert post.names == ["scale", "lin.weight", "lin.bias"]  # named_parameters order
+    assert torch.equal(post.weights("mean")["scale"], torch.full((3,), 2.0))
+    assert Posterior(Scaled(), include=["*"], layer_types=()).names == post.names
+    assert Posterior(Scaled(), include=["scale"], exclude=["lin.*"]).names == ["scale"]
+    assert Posterior(Scaled(), include=["*"], exclude=["*.bias"]).names == ["scale", "lin.weight"]
+    with pytest.raises(ConfigError, match=r"exclude takes a list of globs, got the string 'lin.bias'; write \['lin.bias'\]"):
+        Posterior(Scaled(), exclude="lin.bias")
+
+
+def test_the_users_module_is_left_untouched():
+    torch.manual_seed(0)
+    net = small_net().eval()
+    x = torch.randn(2, 1, 8, 8)
+    state, out = {k: v.clone() for k, v in net.state_dict().items()}, net(x)
+    post = Posterior(net).eval()
+    with torch.no_grad():
+        post.mu.add_(1.0)  # as training would
+    assert [n for n, _ in net.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias"]
+    assert net.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert torch.equal(net(x), out)
+    with pytest.raises(ConfigError, match=r"posterior.model holds no Bayesian weights.*posterior\(x"):
+        post.model(x)  # would otherwise run stale weights
+    twice = Posterior(net).eval()  # the same module again: another, independent posterior
+    assert torch.equal(twice(x, "mean"), out)
+    for wrapped in (post.model, post, nn.Sequential(post)):
+        with pytest.raises(ConfigError, match="already wrapped"):
+            Posterior(wrapped)
+
+
+def test_non_finite_sigmas_are_refused():
+    for kwargs in ({"init_sigma": math.inf}, {"prior_sigma": math.inf}, {"init_sigma": math.nan},
+                   {"prior_sigma": -1.0}, {"init_sigma": "0.1"}, {"prior_sigma": 1e200}):
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            PosteriorConfig(**kwargs)
+    big = Posterior(mlp(), PosteriorConfig(sigma_param="softplus", init_sigma=1000.0))
+    assert torch.allclose(big.sigma(), torch.full_like(big.mu, 1000.0))
+
+
+def test_eps_of_the_wrong_length_shape_dtype_or_device_is_refused():
+    post = Posterior(small_net())
+    x, eps = torch.randn(2, 1, 8, 8), post.sample_eps()
+    message = rf"eps must be a torch.float32 tensor of shape \[{post.num_bayesian}\] on cpu \(see sample_eps\), got "
+    for bad in (eps[:-1], eps[:1], eps[None], eps.double(), torch.zeros(post.num_bayesian, device="meta"), [0.0]):
+        with pytest.raises(ConfigError, match=message):
+            post(x, bad)
+    with pytest.raises(ConfigError, match="weights must be"):
+        post(x, weights=post.mu[:-1])
+
+
+def test_a_module_that_cannot_be_copied_is_refused_clearly():
+    import threading
+
+    net = mlp()
+    net.lock = threading.Lock()  # e.g. a module that holds a lock or an open file
+    with pytest.raises(ConfigError, match="own copy of the module, and this Sequential cannot be deep-copied"):
+        Posterior(net)

@@ -1,12 +1,14 @@
 """`asbnn reproduce` at the smoke scale: the whole pipeline, resumability and shared work."""
 
+import json
 import os
 import socket
 
 import pytest
 
+import asbnn.experiments.reproduce as reproduce_module
 from asbnn.errors import ConfigError
-from asbnn.experiments.reproduce import is_done, plan, reproduce, run_dir, run_experiment
+from asbnn.experiments.reproduce import SCALES, is_done, plan, reproduce, run_dir, run_experiment
 
 
 @pytest.mark.slow  # trains and evaluates every smoke-scale run
@@ -58,3 +60,34 @@ def test_bad_reproduce_arguments(tmp_path):
         reproduce(["table1"], "huge", tmp_path)
     with pytest.raises(ConfigError, match="seeds"):
         reproduce(["table1"], "smoke", tmp_path, seeds=0)
+
+
+@pytest.mark.slow  # trains and evaluates every smoke-scale map run
+def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, tmp_path):
+    experiments = plan(["map"], "smoke")
+    grid = SCALES["smoke"].regime_map
+    assert len(experiments) == len(grid.models) * len(grid.init_sigmas) * len(grid.schedules) * len(grid.methods)
+    assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in experiments)
+    assert [e.columns["method"] for e in experiments[:2]] == ["vi", "vi"]  # every cell's VI first
+    assert not any("map" in e.tables for e in plan(["all"], "smoke"))  # all = the paper's tables
+    exp = next(e for e in experiments if e.columns["method"] == "free" and e.columns["model"] == "allconv")
+    assert exp.overrides["as_variant"] == "free" and exp.overrides["method"] == "as"
+    assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)
+    run = run_dir(tmp_path, exp) / "run"
+    for folder in ("eval", "eval-recalibrated"):
+        result = json.loads((run / folder / "eval.json").read_text())
+        assert result["num_samples"] == grid.base["eval_samples"] and "mnist" in result["ood"]
+    meta = json.loads((run_dir(tmp_path, exp) / "done.json").read_text())
+    assert set(meta["eval_seconds"]) == {"running", "recalibrated"}
+    assert set(meta["posterior_width"]) == {"conv", "linear", "batchnorm"}
+    assert all(w > 0 for w in meta["posterior_width"].values())
+    with pytest.raises(ConfigError, match="no regime map"):
+        reproduce(["map"], "full", tmp_path)
+
+
+def test_run_keys_follow_the_config_and_results_version_not_the_source(monkeypatch):
+    before = {e.name: e.key for e in plan(["table1"], "smoke")}
+    monkeypatch.setattr(reproduce_module, "code_fingerprint", lambda: "moved-code")
+    assert {e.name: e.key for e in plan(["table1"], "smoke")} == before
+    monkeypatch.setattr(reproduce_module, "RESULTS_VERSION", reproduce_module.RESULTS_VERSION + 1)
+    assert all(before[e.name] != e.key for e in plan(["table1"], "smoke"))

@@ -26,12 +26,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, check_number
 from .posterior import Posterior
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 BNPolicy = Literal["freeze", "update"]
 KLConvention = Literal["paper", "authors"]
+
+
+def _check_search(steps: object, step_size: object) -> None:
+    """N and alpha of the adversarial search, for ASConfig and direct calls of `adversarial_eps` alike."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ConfigError(f"as_steps (N) must be an integer, got {steps!r}")
+    if steps < 0:
+        raise ConfigError(f"as_steps (N) must be >= 0, got {steps}")
+    check_number("as_step_size (alpha)", step_size)
 
 
 @dataclass(frozen=True)
@@ -49,12 +58,7 @@ class ASConfig:
     bn_policy: BNPolicy = "freeze"
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int):
-            raise ConfigError(f"as_steps (N) must be an integer, got {self.steps!r}")
-        if self.steps < 0:
-            raise ConfigError(f"as_steps (N) must be >= 0, got {self.steps}")
-        if not self.step_size >= 0:
-            raise ConfigError(f"as_step_size (alpha) must be >= 0, got {self.step_size}")
+        _check_search(self.steps, self.step_size)
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"as_lambda must be in [0, 1], got {self.lam}")
         if self.kl_convention not in ("paper", "authors"):
@@ -119,6 +123,8 @@ def adversarial_eps(
     differentiates with respect to the sampled weights alone (mu and sigma held fixed), which
     spares a multiplication by sigma and a fresh sigma per pass. The returned tensor is detached.
     """
+    posterior.check_flat(eps)
+    _check_search(steps, step_size)
     eps = eps.detach()
     if steps == 0 or step_size == 0:
         return eps
@@ -157,6 +163,7 @@ def bayes_loss(
 
     Call `.total.backward()` on the result. Costs N + 2 forward-backward passes with AS, one without.
     """
+    check_number("kl_weight", kl_weight)
     eps_adv = None
     if config.lam > 0:
         eps_adv = adversarial_eps(
@@ -221,6 +228,7 @@ class FreeAdversarialSampler:
         generator: torch.Generator | None = None,
     ) -> LossParts:
         """Eq. 3 with the carried eps_adv; call `.total.backward()` on the result as usual."""
+        check_number("kl_weight", kl_weight)  # before eps_adv takes its step
         return _equation_3(self.posterior, x, y, self._next_eps(generator), kl_weight, self.config, loss_fn, generator)
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ one after another ("loop"); both give the same numbers, the faster one depends o
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from . import metrics, streams
+from .bn_recalibration import recalibrated
 from .data import DeviceLoader
 from .errors import ConfigError
 from .hardware import autocast
@@ -74,17 +77,22 @@ def sampled_predictions(
     chunk: int = 10,
     keep_probs: bool = False,
     amp: bool = False,
+    recalibration: Sequence[Tensor] | None = None,
 ) -> Predictions:
     """Run K sampled models (or one deterministic network) over `loader` and reduce the outputs.
 
     `amp` runs the forward passes in bf16 autocast (logits reduced in fp32): about 2x faster on
     AMX CPUs (and GPUs), metrics within 0.1 point (docs/benchmarks.md). It is done as asked;
-    `hardware.use_amp` says where it pays."""
+    `hardware.use_amp` says where it pays. With `recalibration` (batches of training images), each
+    sampled network is evaluated with BatchNorm statistics re-estimated at its own eps
+    (`bn_recalibration`), one network at a time."""
     net.eval()
     bayesian = isinstance(net, Posterior)
     k_total = num_samples if bayesian else 1
     device = next(net.parameters()).device
     mode = choose_mode(device) if mode == "auto" else mode
+    if recalibration is not None:  # statistics belong to one network: no vmap over several
+        mode, chunk = "loop", 1
     labels = torch.cat([y for _, y in loader.batches()])
     n = len(labels)
     ens = aleatoric = mean_probs = kept = None
@@ -94,28 +102,32 @@ def sampled_predictions(
         ks = range(start, min(start + chunk, k_total))
         eps = sampled_models(net, seed, ks) if bayesian else None
         offset = 0
-        for x, y in loader.batches():
-            with autocast(device, amp):
-                logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
-            logp = logits.float().log_softmax(-1)  # [S, B, C]
-            probs = logp.exp()
-            if ens is None and int(y.max()) >= probs.shape[-1]:
-                raise ConfigError(f"labels go up to {int(y.max())} but the network has {probs.shape[-1]} classes")
-            if ens is None:
-                ens = torch.zeros(n, probs.shape[-1], device=device, dtype=torch.float64)
-                aleatoric = torch.zeros(n, device=device, dtype=torch.float64)
-                if keep_probs:
-                    kept = torch.zeros(k_total, n, probs.shape[-1], dtype=torch.float16)
-            rows = slice(offset, offset + len(y))
-            ens[rows] += probs.sum(0).double()
-            aleatoric[rows] += metrics.entropy(probs, logp).sum(0).double()
-            correct[start:ks.stop] += metrics.correct_counts(logits, y)
-            nll[start:ks.stop] += metrics.nll_sums(logp, y).double()
-            if kept is not None:
-                kept[start:ks.stop, rows] = probs.half().cpu()
-            offset += len(y)
+        # recalibration: BatchNorm statistics of this one sampled network (chunk = 1)
+        stats = nullcontext() if recalibration is None else recalibrated(net, eps[0] if bayesian else None, recalibration)
+        with stats:
+            for x, y in loader.batches():
+                with autocast(device, amp):
+                    logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
+                logp = logits.float().log_softmax(-1)  # [S, B, C]
+                probs = logp.exp()
+                if ens is None and int(y.max()) >= probs.shape[-1]:
+                    raise ConfigError(f"labels go up to {int(y.max())} but the network has {probs.shape[-1]} classes")
+                if ens is None:
+                    ens = torch.zeros(n, probs.shape[-1], device=device, dtype=torch.float64)
+                    aleatoric = torch.zeros(n, device=device, dtype=torch.float64)
+                    if keep_probs:
+                        kept = torch.zeros(k_total, n, probs.shape[-1], dtype=torch.float16)
+                rows = slice(offset, offset + len(y))
+                ens[rows] += probs.sum(0).double()
+                aleatoric[rows] += metrics.entropy(probs, logp).sum(0).double()
+                correct[start:ks.stop] += metrics.correct_counts(logits, y)
+                nll[start:ks.stop] += metrics.nll_sums(logp, y).double()
+                if kept is not None:
+                    kept[start:ks.stop, rows] = probs.half().cpu()
+                offset += len(y)
     if bayesian:
-        with autocast(device, amp):
+        stats = nullcontext() if recalibration is None else recalibrated(net, "mean", recalibration)
+        with stats, autocast(device, amp):
             mean_probs = torch.cat([net(x, "mean").float().softmax(-1) for x, _ in loader.batches()])
     return Predictions(
         labels=labels, ensemble_probs=(ens / k_total).float(), aleatoric=(aleatoric / k_total).float(),

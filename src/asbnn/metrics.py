@@ -237,3 +237,41 @@ def fpr_at_tpr(score_in: Tensor, score_out: Tensor, tpr: float = 0.95) -> Tensor
     k = _n_keep(tpr, score_out.numel())
     threshold = score_out.sort(descending=True).values[k - 1]
     return (score_in >= threshold).to(_float(score_in)).mean()
+
+
+def aupr_in(score_in: Tensor, score_out: Tensor) -> Tensor:
+    """AUPR with the in-distribution inputs as the positive class: `aupr` on negated scores.
+
+    Reported beside `aupr` (OOD positive) because average precision depends on which class is
+    positive and on the class ratio; the pair shows whether a detector is good at both ends.
+    """
+    return aupr(-score_out, -score_in)
+
+
+# Logit-based OOD scores. They take [N, C] logits of one network; for a Bayesian ensemble of K
+# sampled networks pass the mean of the K logit tensors ("energy of the mean logits"). Do not
+# pass log ensemble probabilities: their logsumexp is log(1) = 0, so the energy at T = 1 is the
+# same for every input, and the max logit would merely rank like the maximum softmax probability.
+
+
+def _check_logits(logits: Tensor) -> None:
+    if logits.dim() != 2 or not logits.numel():
+        raise ConfigError(f"logits must be non-empty [N, C], got shape {tuple(logits.shape)}")
+
+
+def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """[N]: the free energy -T * logsumexp(logits / T) of Liu et al. (2020), higher = more OOD.
+
+    Confident in-distribution inputs have large logits, hence a large logsumexp and low energy.
+    As T -> 0 this tends to `max_logit_score`.
+    """
+    _check_logits(logits)
+    if not 0 < temperature < math.inf:
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
+    return -temperature * torch.logsumexp(logits / temperature, dim=-1)
+
+
+def max_logit_score(logits: Tensor) -> Tensor:
+    """[N]: minus the largest logit (Hendrycks et al., 2022), higher = more OOD."""
+    _check_logits(logits)
+    return -logits.max(-1).values

@@ -6,6 +6,7 @@ The numbers come from `evaluate`; this module only runs it over a run folder and
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -14,11 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from . import metrics, report
+from .bn_recalibration import Recalibration
 from .build import build_data, subset
 from .config import TrainConfig
-from .data import ArrayDataset, dataset_info, eval_loader, load_dataset
+from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, eval_loader, load_dataset
 from .errors import ConfigError
 from .evaluate import Mode, Predictions, choose_mode, ood_summary, sampled_predictions, summarize, timed_predictions
 from .fileio import atomic_write_text, read_jsonl
@@ -39,10 +42,14 @@ def evaluate_run(
     device: str = "auto",
     progress: bool = True,
     amp: bool = False,
+    bn_recalibrate: bool | Recalibration = False,
 ) -> dict[str, Any]:
     """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval.
 
-    `amp` asks for bf16 forward passes; they run where `hardware.use_amp` allows, as in training."""
+    `amp` asks for bf16 forward passes; they run where `hardware.use_amp` allows, as in training.
+    `bn_recalibrate` (True or a `Recalibration`) evaluates every sampled network with BatchNorm
+    statistics re-estimated at its own eps from a fixed set of training images; its results go
+    to RUN/eval-recalibrated unless `out` says otherwise."""
 
     if num_samples <= 0:
         raise ConfigError(f"--samples must be > 0, got {num_samples}")
@@ -52,13 +59,20 @@ def evaluate_run(
     if data_root is not None:
         cfg.data_root = data_root
     run_dir = checkpoint_path(run).parent
-    out = Path(out) if out else run_dir / "eval"
+    recal = Recalibration() if bn_recalibrate is True else bn_recalibrate or None
+    out = Path(out) if out else run_dir / ("eval-recalibrated" if recal else "eval")
     out.mkdir(parents=True, exist_ok=True)
     mode = choose_mode(dev) if mode == "auto" else mode
     data = build_data(cfg, dev)
+    recal_batches = recalibration_batches(cfg, info, recal, dev) if recal else None
+    if recal_batches is not None:
+        mode = "loop"
     pred, seconds = timed_predictions(net, data.test, num_samples=num_samples, seed=seed, mode=mode,
-                                      keep_probs=save_probs, amp=amp)
-    result = {"run": str(run_dir), "config": cfg.to_dict(), **summarize(pred),
+                                      keep_probs=save_probs, amp=amp, recalibration=recal_batches)
+    protocol = ({"batchnorm": "recalibrated per sampled network", "recalibration": dataclasses.asdict(recal),
+                 "recalibration_images": sum(len(x) for x in recal_batches)}
+                if recal else {"batchnorm": "running statistics"})
+    result = {"run": str(run_dir), "config": cfg.to_dict(), "protocol": protocol, **summarize(pred),
               "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": "bf16" if amp else "fp32"}}
     ood_scores = {}
     for name in ood or []:
@@ -70,7 +84,8 @@ def evaluate_run(
         # OOD labels name other classes: only the uncertainty scores are used, labels are placeholders
         ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
         loader = eval_loader(ood_data, info.mean, info.std, device=dev, channels_last=cfg.channels_last)
-        ood_pred = sampled_predictions(net, loader, num_samples=num_samples, seed=seed, mode=mode, amp=amp)
+        ood_pred = sampled_predictions(net, loader, num_samples=num_samples, seed=seed, mode=mode, amp=amp,
+                                       recalibration=recal_batches)
         result.setdefault("ood", {})[name] = ood_summary(pred, ood_pred)
         ood_scores[name] = {s: (getattr(pred, s).cpu(), getattr(ood_pred, s).cpu()) for s in ("total", "epistemic")}
     atomic_write_text(out / "eval.json", json.dumps(result, indent=1))
@@ -99,6 +114,15 @@ def evaluate_run(
         print(markdown_summary({label: result}))
         print(f"\n{num_samples} sampled models in {seconds:.1f} s ({mode}); results in {out}")
     return result
+
+
+def recalibration_batches(cfg: TrainConfig, info: DatasetInfo, recal: Recalibration,
+                          device: torch.device) -> list[Tensor]:
+    """The fixed recalibration images of a run's training set, normalised, in batches on `device`."""
+    train = recal.images(subset(load_dataset(cfg.dataset, "train", cfg.data_root), cfg.train_subset))
+    loader = DeviceLoader(train, min(recal.batch_size, len(train)), train=False, mean=info.mean, std=info.std,
+                          augment=False, device=device, channels_last=cfg.channels_last)
+    return [x for x, _ in loader.batches()]
 
 
 def run_label(cfg: Any) -> str:

@@ -10,7 +10,9 @@ host is taken over. `report.md` is rewritten from whatever has finished.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -24,16 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from ..config import make_config
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, read_jsonl
+from ..posterior import Posterior
 from ..results import evaluate_run
-from ..runfolder import CHECKPOINT, LOG
+from ..runfolder import CHECKPOINT, LOG, load_run
 from ..train import train
 from .reproduce_report import write_report
 
-TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")
+PAPER_TABLES = ("table1", "table2", "table3", "lambda", "curves", "cheap")  # what "all" runs
+TABLES = (*PAPER_TABLES, "map")  # map: the regime map of where AS helps (not in the paper)
 CHEAP_EPOCH_FACTOR = 3  # free AS (2 passes) at 3x the epochs costs about what standard AS (N + 2) does
 AUTHORS_SIGMA = math.exp(0.15)
 
@@ -45,11 +50,14 @@ class Variant:
     method: str  # vi | as
     bn_policy: str = "freeze"
     init: str = "ours"  # ours (init_sigma 0.05) | authors (exp(0.15) ~ 1.16)
+    free: bool = False  # free AS (as_variant free): one sign step per training step
 
     def overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
         if self.method == "as":
             out["bn_policy"] = self.bn_policy
+        if self.free:
+            out["as_variant"] = "free"
         if self.init == "authors":
             out["init_sigma"] = AUTHORS_SIGMA
         return out
@@ -57,7 +65,7 @@ class Variant:
     @property
     def label(self) -> str:
         name = "VI" if self.method == "vi" else f"VI + AS, BN {self.bn_policy}"
-        return f"{name}, init {self.init}"
+        return f"{'free ' if self.free else ''}{name}, init {self.init}"
 
 
 OURS_VI, OURS_AS = Variant("vi"), Variant("as")
@@ -69,6 +77,25 @@ FACTOR_STUDY = (
 
 
 @dataclass(frozen=True)
+class RegimeMap:
+    """The grid of the regime map: what decides how widely VI's sampled networks spread, and how
+    AS acts on them. Every run is evaluated under both BatchNorm protocols and against `ood`."""
+
+    dataset: str
+    models: tuple[str, ...]
+    init_sigmas: tuple[float, ...]
+    schedules: tuple[str, ...]  # multistep (the paper's lr / 10 at 40 / 70 / 90 %) | constant
+    methods: tuple[str, ...] = ("vi", "as", "free")  # free: free AS, 2 passes a step
+    base: dict[str, Any] = field(default_factory=dict)
+    ood: tuple[str, ...] = ()
+    note: str = ""
+
+
+MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
+               "free": ("free AS", {"method": "as", "as_variant": "free"})}
+
+
+@dataclass(frozen=True)
 class Scale:
     pairs: tuple[tuple[str, str], ...]  # (dataset, model)
     base: dict[str, Any]
@@ -76,6 +103,15 @@ class Scale:
     variants: tuple[Variant, ...]
     lambdas: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     note: str = ""
+    regime_map: RegimeMap | None = None
+    # Table 2 (Bayesian fine-tune): the deterministic network's own recipe (else `base`), the
+    # methods fine-tuned from it (keys of MAP_METHODS), whether every seed starts from seed 0's
+    # network, and how the fine-tunes are evaluated.
+    pretrain: dict[str, Any] | None = None
+    finetune_methods: tuple[str, ...] = ("vi", "as")
+    one_pretrained: bool = False
+    protocols: tuple[str, ...] = ("running",)
+    ood: tuple[str, ...] = ()
 
 
 def _milestones(epochs: int) -> list[int]:
@@ -90,6 +126,11 @@ SCALES: dict[str, Scale] = {
                   lr_milestones=_milestones(2)),
         seeds=1, variants=(OURS_VI, OURS_AS, Variant("as", "update")), lambdas=(0.0, 0.8, 1.0),
         note="seconds; for tests only",
+        regime_map=RegimeMap(
+            "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.05,), schedules=("multistep",),
+            base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=3, as_steps=2,
+                      lr_milestones=_milestones(2)),
+            ood=("mnist",), note="seconds; for tests only"),
     ),
     "cpu": Scale(
         pairs=(("fashion-mnist", "lenet5"),),
@@ -97,6 +138,30 @@ SCALES: dict[str, Scale] = {
         seeds=3, variants=FACTOR_STUDY,
         note="LeNet-5 on a fixed 10,000-image subset of Fashion-MNIST, 10 epochs (lr / 10 at epochs 4, 7, 9), "
              "full 10,000-image test set, 100 sampled models",
+        regime_map=RegimeMap(
+            "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.05, 0.15),
+            schedules=("multistep",),
+            # Sized to 2 CPU cores: 100 sampled all-conv networks on all 10,000 test images, under two
+            # protocols and against MNIST, would take 35 minutes a run; on 2,000 test images 7.
+            base=dict(epochs=5, train_subset=20000, test_subset=2000, lr_milestones=_milestones(5)),
+            ood=("mnist",),
+            note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
+                 "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
+                 "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set"),
+    ),
+    "mid": Scale(
+        pairs=(("cifar10", "resnet20"),),
+        base=dict(epochs=3, lr=0.001, schedule="cosine", test_subset=2000),
+        seeds=2, variants=(OURS_VI, OURS_AS),
+        pretrain=dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", epochs=30,
+                      batch_size=128, test_subset=2000),
+        finetune_methods=("vi", "as", "free"), one_pretrained=True,
+        protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",),
+        note="the paper's Table 2 protocol on 2 CPU cores: a deterministic ResNet-20 trained on CIFAR-10 (SGD lr 0.1, "
+             "momentum 0.9, weight decay 5e-4, cosine, 30 epochs, batch 128), then VI, AS and free AS fine-tunes of "
+             "3 epochs each from it (Adam lr 0.001, cosine, init sigma 0.05), every seed from the same network; "
+             "100 sampled models on a fixed 2,000-image subset of the test set under both BatchNorm protocols, "
+             "2,000 Tiny ImageNet validation images as the OOD set",
     ),
     "full": Scale(
         pairs=tuple((d, m) for d in ("cifar10", "cifar100") for m in ("resnet20", "resnet56", "vgg16_bn")),
@@ -116,15 +181,27 @@ class Experiment:
     init_from: Experiment | None = None
     tables: set[str] = field(default_factory=set)
     key: str = ""
+    protocols: tuple[str, ...] = ("running",)  # BatchNorm protocols of its evaluation; "recalibrated" too
+    ood: tuple[str, ...] = ()
 
+
+#: Raised by hand whenever a change is meant to change results (what a run of a given config computes).
+#: Run keys hash the config and this number, not the source files, so moving or refactoring code keeps
+#: finished runs; every run records the exact code that made it (`code_fingerprint`), and the report
+#: lists each fingerprint it mixes. History: 1 = keyed by source (before 2026-11-29); 2 = this scheme,
+#: with evaluation under both BatchNorm protocols where a scale asks for it.
+RESULTS_VERSION = 2
 
 #: Code that only presents results (package-relative paths; a folder counts with all below it):
-#: editing it does not make finished runs stale.
+#: editing it does not change the fingerprint.
 PRESENTATION = ("cli.py", "report.py", "results.py", "experiments/")
 
 
+@functools.cache
 def code_fingerprint() -> str:
-    """A hash of the code that decides results: runs made by other code never count as done."""
+    """A hash of the code that decides results, recorded in every run's done.json. Read once per
+    process (first use, at the latest when the first run finishes), so later edits of the files on
+    disk are not attributed to a worker that is still running older code."""
     digest = hashlib.sha256()
     root = Path(__file__).parents[1]
     for path in sorted(root.rglob("*.py")):
@@ -140,18 +217,31 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
     n_seeds = seeds or scale.seeds
     wanted = set(tables)
     if "all" in wanted:
-        wanted = set(TABLES)
+        wanted = (wanted - {"all"}) | set(PAPER_TABLES)
     experiments: dict[str, Experiment] = {}
 
     def add(table: str, name: str, overrides: dict[str, Any], columns: dict[str, Any],
-            init_from: Experiment | None = None) -> Experiment:
-        exp = Experiment(name, {**scale.base, **overrides}, columns, init_from)
+            init_from: Experiment | None = None, base: dict[str, Any] | None = None,
+            protocols: tuple[str, ...] = ("running",), ood: tuple[str, ...] = ()) -> Experiment:
+        exp = Experiment(name, {**(scale.base if base is None else base), **overrides}, columns, init_from,
+                         protocols=protocols, ood=ood)
         exp.key = _key(exp)
         exp = experiments.setdefault(exp.key, exp)
         exp.tables.add(table)
         exp.columns.update(columns)
         return exp
 
+    grid = scale.regime_map
+    if "map" in wanted and grid is not None:  # every cell's VI first, then AS, then free AS; seed by seed
+        for seed, method, model, schedule, sigma in itertools.product(
+                range(n_seeds), grid.methods, grid.models, grid.schedules, grid.init_sigmas):
+            label, overrides = MAP_METHODS[method]
+            add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
+                {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
+                 "seed": seed, **overrides},
+                {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
+                 "seed": seed},
+                base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
@@ -180,17 +270,23 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                     add("cheap", f"{dataset}-{model}-{tag}-s{seed}", {**common, **v.overrides(), **extra},
                         {**cols, "cheap": label})
             if "table2" in wanted:
-                det = add("table2-det", f"{dataset}-{model}-det-s{seed}", {**common, "method": "deterministic"}, cols)
-                for v in (OURS_VI, OURS_AS):
-                    add("table2", f"{dataset}-{model}-finetune-{v.method}-s{seed}", {**common, **v.overrides()},
-                        {**cols, "variant": v}, init_from=det)
+                det_seed = 0 if scale.one_pretrained else seed
+                det = add("table2-det", f"{dataset}-{model}-det-s{det_seed}",
+                          {**common, "seed": det_seed, "method": "deterministic"}, {**cols, "seed": det_seed},
+                          base=scale.pretrain)
+                for method in scale.finetune_methods:
+                    label, overrides = MAP_METHODS[method]
+                    variant = OURS_VI if method == "vi" else Variant("as", free=method == "free")
+                    add("table2", f"{dataset}-{model}-finetune-{method}-s{seed}", {**common, **overrides},
+                        {**cols, "variant": variant, "method": method}, init_from=det, protocols=scale.protocols,
+                        ood=scale.ood)
     return list(experiments.values())
 
 
 def _key(exp: Experiment) -> str:
     config = make_config(overrides=exp.overrides).to_dict()
     identity = {"config": config, "init_from": exp.init_from.key if exp.init_from else None,
-                "code": code_fingerprint()}
+                "results_version": RESULTS_VERSION, "protocols": list(exp.protocols)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -252,14 +348,18 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         train_dir = folder / "run"
         began = time.perf_counter()
         train(cfg, train_dir, resume=(train_dir / CHECKPOINT).exists(), progress=progress)
-        result = evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False)
+        results = {protocol: evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
+                                          ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
+                   for protocol in exp.protocols}
         log = read_jsonl(train_dir / LOG)
         precision = " and ".join(sorted({r.get("precision", "unknown precision") for r in log}))
         meta = {
             "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "scale": scale,
             "columns": {k: v.label if isinstance(v, Variant) else v for k, v in exp.columns.items()},
             "code": code_fingerprint(), "machine": f"{machine()}, training steps in {precision}",
-            "train_seconds": sum(r["epoch_time"] for r in log), "eval_seconds": result["timing"]["seconds"],
+            "train_seconds": sum(r["epoch_time"] for r in log),
+            "eval_seconds": {protocol: r["timing"]["seconds"] for protocol, r in results.items()},
+            "posterior_width": posterior_width(train_dir),
             "this_call_seconds": time.perf_counter() - began,
             "command": f"asbnn train {train_dir / 'config.yaml'} --out {train_dir} --resume",
         }
@@ -269,10 +369,41 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         (folder / "lock").unlink(missing_ok=True)
 
 
+def posterior_width(run: Path) -> dict[str, float]:
+    """sigma / |mu| of a trained posterior by kind of parameter (mean sigma over mean |mu|): how
+    wide the posterior is relative to its weights. Empty for a deterministic run."""
+    net, _, _ = load_run(run)
+    if not isinstance(net, Posterior):
+        return {}
+    modules = dict(net.model.named_modules())
+    kinds: dict[str, list[Tensor]] = {}
+    for name, mu, sigma in zip(net.names, net.mu.detach().split(net.sizes), net.sigma().detach().split(net.sizes)):
+        module = modules[name.rpartition(".")[0]]
+        kind = "conv" if isinstance(module, nn.modules.conv._ConvNd) else (
+            "linear" if isinstance(module, nn.Linear) else
+            "batchnorm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else "other")
+        kinds.setdefault(kind, []).append(torch.stack([sigma.sum(), mu.abs().sum()]))
+    return {kind: float(sum(parts)[0] / sum(parts)[1]) for kind, parts in sorted(kinds.items())}
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {platform.processor() or platform.system()} (torch {torch.__version__})"
+    return f"{cpu_name()}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def cpu_name() -> str:
+    """The CPU model and the bf16 features that decide its speed (AMX, AVX-512 bf16), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 f"{platform.machine()} CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    features = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 bf16"), ("avx2", "AVX2"))
+                if flag in flags]
+    return f"{model} ({', '.join(features) or 'no AVX2'})"
 
 
 def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None = None,
@@ -283,9 +414,12 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
         raise ConfigError(f"unknown table {unknown[0]}; valid: {', '.join((*TABLES, 'all'))}")
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}'; valid: {', '.join(SCALES)}")
+    if "map" in tables and SCALES[scale].regime_map is None:
+        raise ConfigError(f"scale '{scale}' has no regime map; use --scale cpu (or smoke)")
     if seeds is not None and seeds <= 0:
         raise ConfigError(f"--seeds must be > 0, got {seeds}")
     out = Path(out)
+    code_fingerprint()  # the code this process runs, before anything can change on disk
     experiments = plan(tables, scale, seeds)
     pending = list(experiments)
     while pending:
@@ -300,4 +434,6 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
             time.sleep(10)
     wanted = set(TABLES) if "all" in tables else set(tables)
     finished = [(exp, run_dir(out, exp)) for exp in experiments if is_done(out, exp)]
-    return write_report(out, wanted, scale, SCALES[scale].note, code_fingerprint(), finished, len(experiments))
+    grid = SCALES[scale].regime_map
+    notes = {"paper": SCALES[scale].note, "map": grid.note if grid is not None else ""}
+    return write_report(out, wanted, scale, notes, code_fingerprint(), finished, len(experiments))

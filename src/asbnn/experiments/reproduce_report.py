@@ -19,6 +19,7 @@ import numpy as np
 from .. import report
 from ..fileio import atomic_write_text, read_jsonl
 from ..runfolder import LOG
+from .map_report import map_section
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
 PAPER_NAMES = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ResNet20": "resnet20", "ResNet56": "resnet56",
@@ -46,12 +47,17 @@ def paper_numbers() -> dict[tuple, tuple[float, float]]:
 
 
 def _load(finished: list[tuple[Planned, Path]]) -> list[dict[str, Any]]:
-    """The finished runs (experiment, folder) with their evaluation and log."""
-    return [{
-        "exp": exp, "meta": json.loads((folder / "done.json").read_text()),
-        "eval": json.loads((folder / "run" / "eval" / "eval.json").read_text()),
-        "log": read_jsonl(folder / "run" / LOG),
-    } for exp, folder in finished]
+    """The finished runs (experiment, folder) with their evaluations (one per BatchNorm protocol) and log."""
+    runs = []
+    for exp, folder in finished:
+        evals = {protocol: json.loads((folder / "run" / sub / "eval.json").read_text())
+                 for protocol, sub in (("running", "eval"), ("recalibrated", "eval-recalibrated"))
+                 if (folder / "run" / sub / "eval.json").is_file()}
+        runs.append({
+            "exp": exp, "meta": json.loads((folder / "done.json").read_text()),
+            "eval": evals["running"], "evals": evals, "log": read_jsonl(folder / "run" / LOG),
+        })
+    return runs
 
 
 def _values(runs: list[dict], metric: str) -> list[float]:
@@ -103,7 +109,8 @@ def _gain_table(runs: list[dict], table: str, paper: dict, metrics: tuple[str, .
         for (variant,), as_runs in by_variant.items():
             if variant.method != "as":
                 continue
-            vi_runs = by_variant.get((dataclasses.replace(variant, method="vi", bn_policy="freeze"),), [])
+            vi = dataclasses.replace(variant, method="vi", bn_policy="freeze", free=False)
+            vi_runs = by_variant.get((vi,), [])
             if not vi_runs:
                 continue
             row: list[Any] = [dataset, model, variant.label]
@@ -128,14 +135,45 @@ def _train_seconds(runs: list[dict]) -> float:
     return float(np.mean([r["meta"]["train_seconds"] for r in runs]))
 
 
+def _protocol_table(runs: list[dict]) -> str:
+    """Per variant and BatchNorm protocol: the sampled-model spread, NLL, ECE and OOD AUROC."""
+    rows = []
+    for (variant,), group in _group(runs, "variant"):
+        for protocol in ("running", "recalibrated"):
+            evals = [r["evals"][protocol] for r in group if protocol in r["evals"]]
+            if not evals:
+                continue
+            ood = [by["total"]["auroc"] for e in evals for by in e.get("ood", {}).values()]
+            rows.append([variant.label, protocol, len(evals),
+                         report.mean_std([100 * e["sampled"]["lowest"] for e in evals]),
+                         report.mean_std([100 * e["sampled"]["highest"] for e in evals]),
+                         report.mean_std([100 * e["sampled"]["std"] for e in evals]),
+                         report.mean_std([100 * e["ensemble"]["accuracy"] for e in evals]),
+                         report.mean_std([e["ensemble"]["nll"] for e in evals], digits=3),
+                         report.mean_std([100 * e["ensemble"]["ece"] for e in evals]),
+                         report.mean_std([100 * v for v in ood]) if ood else "–"])
+    return report.markdown_table(["variant", "BatchNorm statistics", "seeds", "lowest", "highest", "std",
+                                  "ensemble", "ens. NLL", "ECE", "OOD AUROC"], rows)
+
+
+def _eval_seconds(meta: dict[str, Any]) -> str:
+    """Evaluation time: one number, or one per BatchNorm protocol."""
+    seconds = meta["eval_seconds"]
+    if isinstance(seconds, dict):
+        return " + ".join(f"{v:.0f}" for v in seconds.values())
+    return f"{seconds:.0f}"
+
+
 def _mean_std(values: list[float]) -> str:
     finite = [v for v in values if np.isfinite(v)]
     return report.mean_std(finite) if finite else "–"
 
 
-def write_report(out: Path, wanted: set[str], scale: str, note: str, code: str,
+def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str], code: str,
                  finished: list[tuple[Planned, Path]], planned: int) -> Path:
-    """OUT/report.md (and OUT/plots) from the `finished` runs of the `planned` ones, for tables `wanted`."""
+    """OUT/report.md (and OUT/plots) from the `finished` runs of the `planned` ones, for tables `wanted`.
+
+    `notes` describe the scale: "paper" for the paper's tables, "map" for the regime map."""
     paper = paper_numbers()
     runs = _load(finished)
     plots = out / "plots"
@@ -143,8 +181,9 @@ def write_report(out: Path, wanted: set[str], scale: str, note: str, code: str,
     lines = [
         f"# Adversarial Sampling, reproduced at the `{scale}` scale",
         "",
-        f"Scale: {note}. Made by `asbnn reproduce {' '.join(sorted(wanted))} --scale {scale} "
-        f"--out {out}` (code {code}), last written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"Scale: {notes['paper'] if wanted != {'map'} else notes['map']}. Made by `asbnn reproduce "
+        f"{' '.join(sorted(wanted))} --scale {scale} --out {out}` (report code {code}), last written "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"on: {'; '.join(machines) or 'nothing finished yet'}.",
         f"{len(runs)} of {planned} runs finished. Accuracies in %, mean ± std over seeds; "
         "'paper' columns are the paper's numbers where its data set and model match ours, '–' where not.",
@@ -166,6 +205,9 @@ def write_report(out: Path, wanted: set[str], scale: str, note: str, code: str,
                   _accuracy_table(t2, "2", paper, METRICS), "",
                   f"Deterministic starting points: {report.mean_std(_values(dets, 'ensemble'))} % test accuracy.",
                   "", _gain_table(t2, "2", paper, METRICS)]
+        if any("recalibrated" in r["evals"] for r in t2):
+            lines += ["", "### Both BatchNorm protocols, with calibration and OOD detection", "",
+                      _protocol_table(t2)]
     if "table3" in wanted and t1:
         lines += ["", "## Table 3: selective prediction (ensemble accuracy on the inputs of lowest total uncertainty)",
                   "", _accuracy_table(t1, "3", paper, RETAIN)]
@@ -207,10 +249,14 @@ def write_report(out: Path, wanted: set[str], scale: str, note: str, code: str,
         lines += ["", "## Cheaper AS: free AS (2 passes per step) against standard AS (N + 2)", "",
                   report.markdown_table(["variant", "seeds", "train s (mean)", *METRICS], rows), "",
                   "Rows are sorted by training time; compare rows of similar time for the equal-wall-clock view."]
-    lines += ["", "## Runs", "", report.markdown_table(
-        ["run", "machine", "train s", "eval s", "re-run alone"],
-        [[r["meta"]["name"], r["meta"]["machine"], f"{r['meta']['train_seconds']:.0f}",
-          f"{r['meta']['eval_seconds']:.0f}", f"`{r['meta']['command']}`"] for r in runs])]
+    map_runs = [r for r in runs if "map" in r["exp"].tables]
+    if "map" in wanted and map_runs:
+        lines += map_section(map_runs, plots, notes["map"])
+    lines += ["", "## Runs", "", "Code: the fingerprint of the result-deciding modules that made each run.", "",
+              report.markdown_table(
+        ["run", "machine", "code", "train s", "eval s", "re-run alone"],
+        [[r["meta"]["name"], r["meta"]["machine"], r["meta"].get("code", "–"), f"{r['meta']['train_seconds']:.0f}",
+          _eval_seconds(r["meta"]), f"`{r['meta']['command']}`"] for r in runs])]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
