@@ -59,6 +59,7 @@ def wide_run(shared_data, tmp_path_factory):
     return train(cfg, tmp_path_factory.mktemp("runs") / "vi", progress=False)
 
 
+@pytest.mark.slow  # trains a run and evaluates it under both protocols
 def test_recalibrated_evaluation_is_reproducible_and_differs_from_running_statistics(wide_run):
     recal = Recalibration(batches=4, batch_size=100)
     a = evaluate_run(wide_run, num_samples=4, bn_recalibrate=recal, progress=False)

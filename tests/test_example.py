@@ -18,6 +18,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # trains the example end to end
 def test_own_model_example(shared_data, tmp_path, capsys, one_thread):
     spec = importlib.util.spec_from_file_location("own_model", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
