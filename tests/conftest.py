@@ -51,3 +51,16 @@ def array_cache(tmp_path_factory):
         os.environ.pop("ASBNN_CACHE", None)
     else:
         os.environ["ASBNN_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def precision_cache(tmp_path_factory):
+    """Measured precision decisions (amp: auto) of this session only, never the user's own cache; set
+    in the environment so that child processes share it."""
+    old = os.environ.get("ASBNN_PRECISION_CACHE")
+    os.environ["ASBNN_PRECISION_CACHE"] = str(tmp_path_factory.mktemp("precision") / "precision.json")
+    yield
+    if old is None:
+        os.environ.pop("ASBNN_PRECISION_CACHE", None)
+    else:
+        os.environ["ASBNN_PRECISION_CACHE"] = old

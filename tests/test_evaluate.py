@@ -123,9 +123,19 @@ def test_labels_beyond_the_networks_classes_get_a_clear_error(loaded):
         sampled_predictions(net, loader, num_samples=2)
 
 
-def test_eval_amp_follows_the_precision_policy_of_training(run, tmp_path):
-    """`--amp` computes in bf16 only where training would (native bf16), never emulated."""
-    from asbnn.hardware import step_precision
+@pytest.mark.parametrize("bf16_seconds, expected", [(0.5, "bf16"), (2.0, "fp32")])
+def test_eval_amp_follows_the_precision_policy_of_training(run, tmp_path, monkeypatch, bf16_seconds, expected):
+    """`--amp` measures the evaluation's forward pass as `amp: auto` does a training step (the timer
+    faked here): bf16 where it is faster; without `--amp`, fp32 and nothing measured."""
+    import asbnn.hardware as hardware
 
+    monkeypatch.setenv("ASBNN_PRECISION_CACHE", str(tmp_path / "precision.json"))
+    monkeypatch.setattr(hardware, "cpu_features", lambda: frozenset({"avx512_bf16", "avx2"}))
+    monkeypatch.setattr(hardware, "time_step", lambda step, bf16, device: bf16_seconds if bf16 else 1.0)
     result = evaluate_run(run, num_samples=2, amp=True, out=tmp_path / "eval", device="cpu", progress=False)
-    assert result["timing"]["precision"] == step_precision(torch.device("cpu"), True)
+    assert result["timing"]["precision"] == expected
+    (key,) = json.loads((tmp_path / "precision.json").read_text())
+    assert json.loads(key)["task"] == "eval"
+    monkeypatch.setattr(hardware, "time_step", lambda *args: pytest.fail("measured"))
+    result = evaluate_run(run, num_samples=2, out=tmp_path / "eval", device="cpu", progress=False)
+    assert result["timing"]["precision"] == "fp32"

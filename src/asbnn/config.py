@@ -74,7 +74,9 @@ class TrainConfig:
     # run
     seed: int = 42
     device: str = "auto"
-    amp: bool = True  # bf16 autocast for training steps where native (CUDA, CPUs with AMX); eval stays fp32
+    # bf16 autocast for training steps: auto = where a measured step is faster (hardware.py), true = wherever
+    # native (CUDA, CPUs with AMX or AVX-512 bf16), false = never; eval stays fp32
+    amp: bool | Literal["auto"] = "auto"
     channels_last: bool = False  # NHWC image batches: faster for ResNet-20, slower for VGG on CPU (docs/benchmarks.md)
     compile: bool = False  # torch.compile the training steps (a minute or two of compiling first)
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU runs are always bitwise repeatable

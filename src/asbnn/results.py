@@ -25,7 +25,7 @@ from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, eval_lo
 from .errors import ConfigError
 from .evaluate import Mode, Predictions, choose_mode, ood_summary, sampled_predictions, summarize, timed_predictions
 from .fileio import atomic_write_text, read_jsonl
-from .hardware import resolve_device, use_amp
+from .hardware import Workload, choose_precision, resolve_device
 from .runfolder import LOG, checkpoint_path, load_run, tensorboard_writer
 
 
@@ -46,7 +46,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval.
 
-    `amp` asks for bf16 forward passes; they run where `hardware.use_amp` allows, as in training.
+    `amp` asks for bf16 forward passes; they run where `hardware.choose_precision` measures that
+    they pay, as a training run with `amp: auto` does.
     `bn_recalibrate` (True or a `Recalibration`) evaluates every sampled network with BatchNorm
     statistics re-estimated at its own eps from a fixed set of training images; its results go
     to RUN/eval-recalibrated unless `out` says otherwise."""
@@ -54,7 +55,6 @@ def evaluate_run(
     if num_samples <= 0:
         raise ConfigError(f"--samples must be > 0, got {num_samples}")
     dev = resolve_device(device)
-    amp = use_amp(dev, amp)
     net, cfg, info = load_run(run, dev)
     if data_root is not None:
         cfg.data_root = data_root
@@ -64,6 +64,9 @@ def evaluate_run(
     out.mkdir(parents=True, exist_ok=True)
     mode = choose_mode(dev) if mode == "auto" else mode
     data = build_data(cfg, dev)
+    workload = Workload(cfg.model, (info.channels, info.image_size, info.image_size), data.test.batch_size,
+                        cfg.bayesian, "eval", cfg.channels_last)
+    amp = choose_precision(dev, "auto" if amp else False, workload, net) == "bf16"
     recal_batches = recalibration_batches(cfg, info, recal, dev) if recal else None
     if recal_batches is not None:
         mode = "loop"

@@ -32,7 +32,7 @@ from .errors import CheckpointError, ConfigError, first_line
 from .fileio import (
     atomic_write_bytes, atomic_write_text, previous_path, read_jsonl, remove_stale_temps, restore_from, writing,
 )
-from .hardware import step_precision
+from .hardware import can_resume
 
 CONFIG = "config.yaml"
 LOG = "log.jsonl"
@@ -188,11 +188,11 @@ def resume_state(out: Path, cfg: TrainConfig, device: torch.device) -> dict[str,
         if changed:
             raise CheckpointError(f"{out} holds a run with a different config ({', '.join(changed)}); "
                                   "start a new --out")
-        precision = step_precision(device, cfg.amp)
-        if state.get("precision", precision) != precision:  # checkpoints before 2026-11-27 do not say
-            raise CheckpointError(f"{out} trained in {state['precision']}, and this machine would continue it in "
-                                  f"{precision} (bf16 runs where CUDA or AMX has it); resume it on a machine like "
-                                  "the one that started it")
+        # checkpoints before 2026-11-27 do not say
+        if "precision" in state and not can_resume(device, cfg.amp, state["precision"]):
+            raise CheckpointError(f"{out} trained in {state['precision']}, and this machine would not continue it in "
+                                  f"{state['precision']} (amp: {cfg.amp}; bf16 runs where CUDA, AMX or AVX-512 bf16 "
+                                  "has it); resume it on a machine like the one that started it")
         if path == prev:
             problem = damaged[0] if damaged else f"{ckpt} is missing"
             print(f"asbnn: warning: {problem}; resuming from {prev} (epoch {state['epoch']})", file=sys.stderr)

@@ -22,11 +22,13 @@ from . import distributed, streams
 from .adversarial import FreeAdversarialSampler, RunningStats, bayes_loss
 from .build import build_data, build_network
 from .config import TrainConfig
-from .data import DeviceLoader
+from .data import DatasetInfo, DeviceLoader
 from .distributed import Ranks, average_gradients, barrier, reduce, shard
 from .errors import AsbnnError, ConfigError
 from .fileio import append_jsonl
-from .hardware import autocast, require_compiler, resolve_device, step_precision, use_amp, use_deterministic_kernels
+from .hardware import (
+    Precision, Workload, autocast, choose_precision, require_compiler, resolve_device, use_deterministic_kernels,
+)
 from .runfolder import (
     CHECKPOINT, LOG, checkpoint_state, deterministic_weights, remove_leftovers, restoring, resume_state,
     save_checkpoint, start_run, tensorboard_writer, truncate_log,
@@ -56,7 +58,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     init = deterministic_weights(cfg.init_from, cfg.model) if cfg.init_from is not None else None
     net = build_network(cfg, data.info, init).to(device)
     step_net = torch.compile(net) if cfg.compile else net  # runs the steps; `net` is evaluated and saved
-    precision = step_precision(device, cfg.amp)
+    precision = state["precision"] if state is not None and "precision" in state else \
+        run_precision(cfg, net, data.info, device, ranks)  # a resumed run keeps its own
     optimizer = make_optimizer(cfg, net)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else 1.0 / (100 * data.train.num_samples)
     sampler = FreeAdversarialSampler(step_net, cfg.as_config()) if cfg.method == "as" and cfg.as_variant == "free" \
@@ -91,7 +94,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                   disable=not progress, leave=False) as bar:
             record = {"epoch": epoch + 1, "lr": lr, "precision": precision}
             record.update(train_epoch(step_net, cfg, data.train, optimizer, kl_weight, epoch + 1, bar=bar,
-                                      batch_stream=batches, noise_stream=noise, sampler=sampler, ranks=ranks))
+                                      batch_stream=batches, noise_stream=noise, sampler=sampler, ranks=ranks,
+                                      bf16=precision == "bf16"))
         record["epoch_time"] = time.perf_counter() - began
         if ranks.is_main:  # rank 0 alone evaluates, logs and checkpoints
             record.update(epoch_metrics(net, cfg, data.test, device, epoch))
@@ -111,18 +115,18 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 def train_epoch(
     net: nn.Module, cfg: TrainConfig, loader: DeviceLoader, optimizer: torch.optim.Optimizer, kl_weight: float,
     epoch: int, *, bar: tqdm, batch_stream: torch.Generator, noise_stream: torch.Generator,
-    sampler: FreeAdversarialSampler | None = None, ranks: Ranks = Ranks(),
+    sampler: FreeAdversarialSampler | None = None, ranks: Ranks = Ranks(), bf16: bool = False,
 ) -> dict[str, float]:
     """One pass over the training set; sums stay on the device (a sync every 20 steps only).
 
     A non-finite loss stops the run naming the epoch and step (`nonfinite: stop`), or, with
     `nonfinite: skip`, that step is left out (which costs one sync per step) and counted.
     `batch_stream` shapes the global batches (alike on every rank); `noise_stream` draws the
-    weight noise (this rank's own; the batch stream itself on a lone process).
+    weight noise (this rank's own; the batch stream itself on a lone process). `bf16`: the steps
+    run in bf16 autocast (the run's `run_precision`).
     """
     net.train()
     device = batch_stream.device
-    amp = use_amp(device, cfg.amp)
     as_config = cfg.as_config()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -132,7 +136,7 @@ def train_epoch(
         x, y = shard(x, y, ranks)
         # a skipped step must not leave NaN in the BatchNorm running statistics
         stats = RunningStats(net) if cfg.nonfinite == "skip" else None
-        with autocast(device, amp):
+        with autocast(device, bf16):
             if sampler is not None:
                 parts = sampler.loss(x, y, kl_weight=kl_weight, generator=noise_stream)
                 loss, logits = parts.total, parts.logits
@@ -167,6 +171,18 @@ def train_epoch(
     if seen == 0:
         raise TrainingDiverged(f"every step of epoch {epoch} had a non-finite loss and was skipped")
     return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "skipped_steps": skipped}
+
+
+def run_precision(cfg: TrainConfig, net: nn.Module, info: DatasetInfo, device: torch.device,
+                  ranks: Ranks) -> Precision:
+    """What a new run's steps compute in (`hardware.choose_precision`); with several ranks, bf16
+    only if every rank chose it, so that all of them step alike."""
+    workload = Workload(cfg.model, (info.channels, info.image_size, info.image_size),
+                        -(-cfg.batch_size // ranks.world), cfg.bayesian, "train", cfg.channels_last)
+    precision = choose_precision(device, cfg.amp, workload, net)
+    if ranks.world > 1 and reduce(torch.tensor(float(precision == "fp32"), device=device), ranks, "max") > 0:
+        return "fp32"
+    return precision
 
 
 def _check_finite(first_bad: Tensor, epoch: int) -> None:

@@ -143,7 +143,8 @@ SCALES: dict[str, Scale] = {
             schedules=("multistep",),
             # Sized to 2 CPU cores: 100 sampled all-conv networks on all 10,000 test images, under two
             # protocols and against MNIST, would take 35 minutes a run; on 2,000 test images 7.
-            base=dict(epochs=5, train_subset=20000, test_subset=2000, lr_milestones=_milestones(5)),
+            # amp=True: the default before amp: auto, kept so that runs begun then keep their keys
+            base=dict(epochs=5, train_subset=20000, test_subset=2000, lr_milestones=_milestones(5), amp=True),
             ood=("mnist",),
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
@@ -151,10 +152,10 @@ SCALES: dict[str, Scale] = {
     ),
     "mid": Scale(
         pairs=(("cifar10", "resnet20"),),
-        base=dict(epochs=3, lr=0.001, schedule="cosine", test_subset=2000),
+        base=dict(epochs=3, lr=0.001, schedule="cosine", test_subset=2000, amp=True),  # amp: as the cpu map's
         seeds=2, variants=(OURS_VI, OURS_AS),
         pretrain=dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", epochs=30,
-                      batch_size=128, test_subset=2000),
+                      batch_size=128, test_subset=2000, amp=True),
         finetune_methods=("vi", "as", "free"), one_pretrained=True,
         protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",),
         note="the paper's Table 2 protocol on 2 CPU cores: a deterministic ResNet-20 trained on CIFAR-10 (SGD lr 0.1, "
