@@ -76,3 +76,21 @@ def test_recalibrated_evaluation_is_reproducible_and_differs_from_running_statis
     test = build_data(cfg, torch.device("cpu")).test
     again = sampled_predictions(net, test, num_samples=4)
     assert summarize(again)["per_sample_accuracy"] == running["per_sample_accuracy"]
+
+
+def test_the_fast_evaluation_folds_each_network_s_own_recalibrated_statistics():
+    from asbnn.data import DeviceLoader
+
+    torch.manual_seed(0)
+    posterior = Posterior(create_model("allconv", in_channels=3), PosteriorConfig(init_sigma=0.2))
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 60),
+                        [str(i) for i in range(10)])
+    loader = DeviceLoader(data, 30, train=False, mean=(0.5,) * 3, std=(0.25,) * 3, augment=False)
+    batches = [torch.randn(20, 3, 32, 32) for _ in range(2)]
+    exact = sampled_predictions(posterior, loader, num_samples=3, recalibration=batches)
+    fast = sampled_predictions(posterior, loader, num_samples=3, recalibration=batches, fast=True)
+    running = sampled_predictions(posterior, loader, num_samples=3, fast=True)
+    assert torch.allclose(fast.ensemble_probs, exact.ensemble_probs, atol=1e-5)
+    assert torch.allclose(fast.mean_probs, exact.mean_probs, atol=1e-5)
+    assert not torch.allclose(running.ensemble_probs, exact.ensemble_probs, atol=1e-3)

@@ -139,3 +139,51 @@ def test_eval_amp_follows_the_precision_policy_of_training(run, tmp_path, monkey
     monkeypatch.setattr(hardware, "time_step", lambda *args: pytest.fail("measured"))
     result = evaluate_run(run, num_samples=2, out=tmp_path / "eval", device="cpu", progress=False)
     assert result["timing"]["precision"] == "fp32"
+
+
+def test_fast_evaluation_gives_the_exact_numbers_up_to_rounding(loaded):
+    """BatchNorm folded, NHWC batches, weights formed once per network: the same predictions."""
+    net, test = loaded
+    exact = sampled_predictions(net, test, num_samples=4, seed=3, keep_probs=True)
+    fast = sampled_predictions(net, test, num_samples=4, seed=3, keep_probs=True, fast=True)
+    assert (fast.sample_correct - exact.sample_correct).abs().max() <= 1
+    assert torch.allclose(fast.ensemble_probs, exact.ensemble_probs, atol=1e-5)
+    assert torch.allclose(fast.mean_probs, exact.mean_probs, atol=1e-5)
+    assert torch.allclose(fast.sample_nll, exact.sample_nll, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["resnet20", "vgg16_bn", "allconv"])
+def test_folded_batchnorm_computes_what_the_network_does(model):
+    from asbnn.evaluate import folded
+    from asbnn.models import create_model
+    from asbnn.posterior import Posterior
+
+    torch.manual_seed(0)
+    posterior = Posterior(create_model(model, in_channels=3)).eval()
+    for m in posterior.model.modules():  # statistics unlike the initial ones, so that folding matters
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    network = folded(posterior)
+    assert network is not None and network.pairs  # every BatchNorm here follows a convolution
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in network.graph.modules())
+    x, eps = torch.randn(4, 3, 32, 32), posterior.sample_eps()
+    with torch.no_grad():
+        for e in (eps, "mean"):
+            expected = posterior(x, e)
+            assert torch.allclose(network(x, [network.weights(e)])[0], expected, atol=1e-5 * expected.abs().max())
+
+
+def test_a_network_fx_cannot_trace_is_evaluated_unfolded():
+    from asbnn.evaluate import folded
+    from asbnn.posterior import Posterior
+
+    class Branchy(torch.nn.Module):  # control flow on a value: no static graph
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+    assert folded(Posterior(Branchy())) is None

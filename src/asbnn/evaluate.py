@@ -7,10 +7,14 @@ Everything is accumulated in one pass over the sampled logits with memory O(N * 
 
 Samples are evaluated several at a time with `torch.func.vmap` over stacked eps ("batched"), or
 one after another ("loop"); both give the same numbers, the faster one depends on the device.
+The fast evaluation (`fast`, with bf16 where it pays: `asbnn eval --amp`) folds BatchNorm into the
+convolutions, feeds NHWC batches and forms each sampled network's weights once, not once per batch:
+its numbers differ from the exact fp32 ones in the last bits (bf16: within 0.1 point).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -19,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
+from torch.func import functional_call, vmap
 
 from . import metrics, streams
 from .bn_recalibration import recalibrated
@@ -60,6 +64,67 @@ def sampled_models(posterior: Posterior, seed: int, indices: range) -> Tensor:
     return torch.stack([posterior.sample_eps(streams.eval_sample(device, seed, k)) for k in indices])
 
 
+class FoldedNetwork:
+    """A posterior's network for evaluation with each BatchNorm that directly follows a convolution
+    folded into that convolution (in eval mode BatchNorm is a fixed affine map per channel), so it
+    costs no pass over the activations: ResNet-20's forward is 1.3x faster in bf16 on a CPU.
+
+    The graph is traced once (torch.fx); `weights` folds each sampled network's weights, and the
+    BatchNorm statistics of that moment (recalibrated ones too), in a few small tensor operations.
+    """
+
+    def __init__(self, posterior: Posterior) -> None:
+        self.posterior = posterior
+        graph = torch.fx.symbolic_trace(copy.deepcopy(posterior.model))
+        modules = dict(graph.named_modules())
+        self.pairs: dict[str, tuple[str, float]] = {}  # convolution -> (its BatchNorm, that one's eps)
+        for node in list(graph.graph.nodes):
+            bn, conv = modules.get(node.target), node.args[0] if node.args else None
+            if (node.op == "call_module" and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
+                    and isinstance(conv, torch.fx.Node) and conv.op == "call_module" and len(conv.users) == 1
+                    and isinstance(modules[conv.target], nn.modules.conv._ConvNd) and len(node.args) == 1):
+                node.replace_all_uses_with(conv)
+                graph.graph.erase_node(node)
+                self.pairs[conv.target] = (node.target, bn.eps)
+                if modules[conv.target].bias is None:  # a slot for the folded bias
+                    del modules[conv.target]._parameters["bias"]
+                    modules[conv.target].register_buffer("bias", torch.empty(0), persistent=False)
+        graph.delete_all_unused_submodules()
+        graph.recompile()
+        self.graph = graph
+        self.names = [n for n, _ in graph.named_parameters()] + [n for n, _ in graph.named_buffers()]
+
+    def weights(self, eps: Tensor | Literal["mean"]) -> dict[str, Tensor]:
+        """Everything the folded network runs with, at `eps`, keyed by name."""
+        values = {**self.posterior.model.state_dict(keep_vars=True), **self.posterior.weights(eps)}
+        for conv, (bn, bn_eps) in self.pairs.items():
+            scale = values[f"{bn}.running_var"].add(bn_eps).rsqrt()
+            if f"{bn}.weight" in values:
+                scale = scale * values[f"{bn}.weight"]
+            weight = values[f"{conv}.weight"]
+            bias = values.get(f"{conv}.bias", torch.zeros_like(scale)) - values[f"{bn}.running_mean"]
+            values[f"{conv}.weight"] = weight * scale.view(-1, *[1] * (weight.dim() - 1))
+            values[f"{conv}.bias"] = bias * scale + values.get(f"{bn}.bias", torch.zeros_like(scale))
+        return {name: values[name] for name in self.names}
+
+    def __call__(self, x: Tensor, weights: Sequence[dict[str, Tensor]]) -> Tensor:
+        return torch.stack([functional_call(self.graph, w, (x,), strict=True) for w in weights])
+
+
+def folded(posterior: Posterior) -> FoldedNetwork | None:
+    """`posterior`'s network with BatchNorm folded, or None for a model torch.fx cannot trace
+    (data-dependent control flow, ...): the fast evaluation then runs it unfolded."""
+    try:
+        return FoldedNetwork(posterior)
+    except Exception:  # fx fails in many ways on untraceable code; unfolded is always correct
+        return None
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """Image batches with several channels in NHWC, the layout oneDNN's CPU convolutions prefer."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.shape[1] > 1 else x
+
+
 def _forward_samples(posterior: Posterior, x: Tensor, eps: Tensor, mode: Mode) -> Tensor:
     if mode == "batched":
         return vmap(lambda e: posterior(x, e))(eps)
@@ -77,15 +142,17 @@ def sampled_predictions(
     chunk: int = 10,
     keep_probs: bool = False,
     amp: bool = False,
+    fast: bool = False,
     recalibration: Sequence[Tensor] | None = None,
 ) -> Predictions:
     """Run K sampled models (or one deterministic network) over `loader` and reduce the outputs.
 
     `amp` runs the forward passes in bf16 autocast (logits reduced in fp32): about 2x faster on
     AMX CPUs (and GPUs), metrics within 0.1 point (docs/benchmarks.md). It is done as asked;
-    `hardware.use_amp` says where it pays. With `recalibration` (batches of training images), each
-    sampled network is evaluated with BatchNorm statistics re-estimated at its own eps
-    (`bn_recalibration`), one network at a time."""
+    `hardware.choose_precision` says where it pays. `fast`: BatchNorm folded, NHWC batches (see
+    the module docstring; the exact fp32 numbers change in the last bits). With `recalibration`
+    (batches of training images), each sampled network is evaluated with BatchNorm statistics
+    re-estimated at its own eps (`bn_recalibration`), one network at a time."""
     net.eval()
     bayesian = isinstance(net, Posterior)
     k_total = num_samples if bayesian else 1
@@ -93,6 +160,8 @@ def sampled_predictions(
     mode = choose_mode(device) if mode == "auto" else mode
     if recalibration is not None:  # statistics belong to one network: no vmap over several
         mode, chunk = "loop", 1
+    fold = folded(net) if fast and bayesian else None
+    prepare = _nhwc if fast else (lambda x: x)
     labels = torch.cat([y for _, y in loader.batches()])
     n = len(labels)
     ens = aleatoric = mean_probs = kept = None
@@ -105,9 +174,14 @@ def sampled_predictions(
         # recalibration: BatchNorm statistics of this one sampled network (chunk = 1)
         stats = nullcontext() if recalibration is None else recalibrated(net, eps[0] if bayesian else None, recalibration)
         with stats:
+            weights = [fold.weights(e) for e in eps] if fold is not None else None  # once per network
             for x, y in loader.batches():
+                x = prepare(x)
                 with autocast(device, amp):
-                    logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
+                    if weights is not None:
+                        logits = fold(x, weights)
+                    else:
+                        logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
                 logp = logits.float().log_softmax(-1)  # [S, B, C]
                 probs = logp.exp()
                 if ens is None and int(y.max()) >= probs.shape[-1]:
@@ -128,7 +202,11 @@ def sampled_predictions(
     if bayesian:
         stats = nullcontext() if recalibration is None else recalibrated(net, "mean", recalibration)
         with stats, autocast(device, amp):
-            mean_probs = torch.cat([net(x, "mean").float().softmax(-1) for x, _ in loader.batches()])
+            if fold is not None:
+                weights = [fold.weights("mean")]
+                mean_probs = torch.cat([fold(prepare(x), weights)[0].float().softmax(-1) for x, _ in loader.batches()])
+            else:
+                mean_probs = torch.cat([net(x, "mean").float().softmax(-1) for x, _ in loader.batches()])
     return Predictions(
         labels=labels, ensemble_probs=(ens / k_total).float(), aleatoric=(aleatoric / k_total).float(),
         sample_correct=correct, sample_nll=nll.float(), mean_probs=mean_probs, sample_probs=kept,
