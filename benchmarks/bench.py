@@ -6,9 +6,12 @@ Times are medians over `--repeats` after warm-up. Writes `<out>/<machine>.json` 
 training step time, images/s, FLOPs, achieved FLOP/s (against a large matmul on the same machine,
 and the spec sheet for known GPUs) and peak GPU memory for deterministic, VI, VI + AS (N = 5) and
 free AS per model, with the ratio to deterministic; the same steps before and after each speed
-setting (bf16, channels_last, torch.compile); sampled-model evaluation (batched vs loop,
-extrapolated to 100 samples x 10,000 images from a measured slice); data-pipeline throughput
-against the ResNet-20 step; and how an AS step grows with batch size and N.
+setting (bf16, channels_last, torch.compile); sampled-model evaluation (batched vs loop vs the fast
+evaluation of `asbnn eval --amp`, extrapolated to 100 samples x 10,000 images from a measured
+slice); data-pipeline throughput against the ResNet-20 step; how an AS step grows with batch size
+and N; the CPU features seen (AMX, AVX-512 bf16, AVX2), what the precision policy (`amp: auto`)
+measures and picks per model, and the machine's load average (timings under load are contended).
+`--eval-only` measures the policy and the evaluation alone.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from asbnn.data import ArrayDataset, DeviceLoader, eval_loader
 from asbnn.evaluate import sampled_predictions
 from asbnn.models import create_model
 from asbnn.posterior import Posterior
-from asbnn.hardware import step_precision
+from asbnn.hardware import Workload, bf16_native, choose_precision, cpu_features, measure
 
 SHAPES = {"lenet5": (1, 28), "resnet20": (3, 32), "resnet56": (3, 32), "vgg16_bn": (3, 32)}
 METHODS = ("deterministic", "vi", "as", "free_as")
@@ -202,12 +205,34 @@ def bench_eval(model: str, device: torch.device, repeats: int, images: int, samp
                         labels=rng.integers(0, 10, images), classes=[str(i) for i in range(10)])
     loader = eval_loader(data, (0.5,) * channels, (0.25,) * channels, device=device, channels_last=channels_last)
     post = Posterior(create_model(model, in_channels=channels)).to(device).eval()
-    out = {"model": model, "measured_samples": samples, "measured_images": images}
-    for mode in ("loop", "batched"):
-        seconds = median_seconds(lambda: sampled_predictions(post, loader, samples, mode=mode, chunk=samples), device,
-                                 repeats, warmup=1)
-        out[f"{mode}_s_for_100x10000"] = seconds * (100 / samples) * (10000 / images)
+    big = DeviceLoader(data, min(2 * loader.batch_size, images), train=False, mean=(0.5,) * channels,
+                       std=(0.25,) * channels, augment=False, device=device, channels_last=channels_last)
+    # loop / batched: the exact fp32 evaluation; fast: `asbnn eval --amp` (BatchNorm folded, NHWC), in fp32
+    # and, where native, bf16; fast_bf16_big: the same with batches twice as large
+    variants = {"loop": (loader, dict(mode="loop")), "batched": (loader, dict(mode="batched")),
+                "fast_fp32": (loader, dict(fast=True))}
+    if bf16_native(device):
+        variants |= {"fast_bf16": (loader, dict(fast=True, amp=True)), "fast_bf16_big": (big, dict(fast=True, amp=True))}
+    seconds = interleaved_medians({name: (lambda data=data, kw=kw: sampled_predictions(post, data, samples, chunk=samples,
+                                                                                      **kw))
+                                   for name, (data, kw) in variants.items()}, device, repeats, warmup=1)
+    out = {"model": model, "measured_samples": samples, "measured_images": images, "batch": loader.batch_size}
+    out |= {f"{name}_s_for_100x10000": t * (100 / samples) * (10000 / images) for name, t in seconds.items()}
     out["batched_speedup"] = out["loop_s_for_100x10000"] / out["batched_s_for_100x10000"]
+    return out
+
+
+def bench_policy(models: list[str], device: torch.device) -> dict:
+    """What `amp: auto` measures and picks for each model's default training step (VI, batch 100),
+    and for ResNet-20's fast evaluation (`asbnn eval --amp`, batches of 500)."""
+    out = {}
+    for model in models:
+        channels, size = SHAPES[model]
+        post = Posterior(create_model(model, in_channels=channels)).to(device)
+        out[f"{model} train"] = measure(post, Workload(model, (channels, size, size), 100, True), device)
+    channels, size = SHAPES["resnet20"]
+    post = Posterior(create_model("resnet20", in_channels=channels)).to(device)
+    out["resnet20 eval"] = measure(post, Workload("resnet20", (channels, size, size), 500, True, "eval", True), device)
     return out
 
 
@@ -246,9 +271,31 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
+def header(result: dict) -> list[str]:
+    """The machine, what it has for bf16, and how busy it was."""
+    load = result["load_average"]
+    busy = " (other jobs shared the cores: read ratios, not absolute times)" if max(load.values()) > 1.5 else ""
+    return [f"Machine: {result['machine']} ({', '.join(result['cpu_features']) or 'no AVX2'}), torch {result['torch']}, "
+            f"{result['date']}. Load average {load['start']:.1f} at the start, {load['end']:.1f} at the end{busy}."]
+
+
+def eval_lines(result: dict) -> list[str]:
+    e = result["eval"]
+    lines = ["", f"100 sampled {e['model']} models on 10,000 images (extrapolated from {e['measured_samples']} "
+             f"samples x {e['measured_images']} images): loop {e['loop_s_for_100x10000']:.0f} s, batched (vmap) "
+             f"{e['batched_s_for_100x10000']:.0f} s, batched speed-up {e['batched_speedup']:.2f}x; fast "
+             f"(`eval --amp`: BatchNorm folded, NHWC) in fp32 {e['fast_fp32_s_for_100x10000']:.0f} s"
+             + (f", in bf16 {e['fast_bf16_s_for_100x10000']:.0f} s (batches of {2 * e['batch']}: "
+                f"{e['fast_bf16_big_s_for_100x10000']:.0f} s)" if "fast_bf16_s_for_100x10000" in e else "") + "."]
+    lines += ["", "| precision policy (amp: auto) | bf16 ms | fp32 ms | cosine | picks |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {1000 * r['bf16_s']:.0f} | {1000 * r['fp32_s']:.0f} | {r['cosine']:.4f} | {r['precision']} |"
+              for name, r in result["policy"].items()]
+    return lines
+
+
 def markdown(result: dict) -> str:
     s = result["setting"]
-    lines = [f"Machine: {result['machine']}, torch {result['torch']}, {result['date']}; steps in {s}.",
+    lines = header(result) + [f"Steps in {s}.",
              f"Peak for FLOP/s: a large matmul reaches {result['matmul_tflops']:.2f} TFLOP/s here"
              + (f" (spec sheet: {result['spec_tflops']:.0f})." if result.get("spec_tflops") else "."), "",
              "| model | method | step ms | images/s | x deterministic | GFLOP/step | TFLOP/s | % of matmul peak "
@@ -263,10 +310,7 @@ def markdown(result: dict) -> str:
         lines += ["", "| model | setting | deterministic ms | VI ms | VI + AS ms | first calls s |", "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {r['model']} | {r['setting']} | {r['deterministic_ms']:.1f} | {r['vi_ms']:.1f} | {r['as_ms']:.1f} | "
                   f"{r['first_calls_s']:.1f} |" for r in result["settings"]]
-    e = result["eval"]
-    lines += ["", f"100 sampled {e['model']} models on 10,000 images (extrapolated from {e['measured_samples']} "
-              f"samples x {e['measured_images']} images): loop {e['loop_s_for_100x10000']:.0f} s, batched (vmap) "
-              f"{e['batched_s_for_100x10000']:.0f} s, batched speed-up {e['batched_speedup']:.2f}x."]
+    lines += eval_lines(result)
     d = result["data"]
     lines += ["", f"Data pipeline (augmented 100-image CIFAR batches, no model): {d['batches_per_s']:.0f} batches/s, "
               f"{d['ms_per_batch']:.2f} ms per batch"]
@@ -288,7 +332,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                        help="of the main table's steps (default: what `asbnn train` uses on this device)")
+                        help="of the main table's steps (default: bf16 where native, as `amp: true`)")
     parser.add_argument("--channels-last", action="store_true", help="main table: NHWC image batches")
     parser.add_argument("--compile", action="store_true", help="main table: torch.compile the networks")
     parser.add_argument("--settings-model", default="resnet20", choices=list(SHAPES),
@@ -297,12 +341,13 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=1000)
     parser.add_argument("--eval-samples", type=int, default=4)
     parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--eval-only", action="store_true", help="only the precision policy and the evaluation")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     # compile times as a first run pays them: not from a cache an earlier run left on disk
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="asbnn-bench-inductor-"))
     device = torch.device(args.device)
-    precision = args.precision or step_precision(device, amp=True)
+    precision = args.precision or choose_precision(device, amp=True)
     setting = Setting(precision, args.channels_last, args.compile)
     machine = machine_name(device)
     out = Path(args.out)
@@ -313,7 +358,16 @@ def main() -> None:
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
 
     result = {"machine": machine, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "setting": setting.label, "matmul_tflops": matmul_peak_tflops(device, precision),
+              "cpu_features": sorted(cpu_features()), "load_average": {"start": os.getloadavg()[0]},
+              "policy": bench_policy(args.models, device)}
+    if args.eval_only:
+        result["eval"] = bench_eval("resnet20", device, args.repeats, args.eval_images, args.eval_samples)
+        result["load_average"]["end"] = os.getloadavg()[0]
+        (out / f"{stem}-eval.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}-eval.md").write_text("\n".join(header(result) + eval_lines(result)) + "\n")
+        print((out / f"{stem}-eval.md").read_text())
+        return
+    result |= {"setting": setting.label, "matmul_tflops": matmul_peak_tflops(device, precision),
               "spec_tflops": spec_peak_tflops(machine, precision) if device.type == "cuda" else None,
               "steps": bench_steps(args.models, device, args.repeats, setting)}
     save()
@@ -325,6 +379,8 @@ def main() -> None:
     result["data"] = bench_data(device, args.repeats)
     save()
     result["scaling"] = [] if args.no_scaling else bench_scaling(device, max(1, args.repeats // 2), setting)
+    save()
+    result["load_average"]["end"] = os.getloadavg()[0]
     save()
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
