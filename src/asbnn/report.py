@@ -430,3 +430,20 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> st
     if arr.size == 1:
         return f"{arr[0]:.{digits}f}"
     return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
+
+
+@_styled
+def plot_shift(accuracies: dict[str, Sequence[float]], path: str | Path) -> Path:
+    """Accuracy against corruption severity, one line per corruption (severity 0: the clean images).
+
+    accuracies: corruption name -> accuracies (fractions) at severities 0, 1, ..., 5.
+    """
+    _require(accuracies, "plot_shift")
+    fig = _figure(width=5.2, height=3.4)
+    ax = fig.subplots()
+    for name, values in accuracies.items():
+        acc = 100 * _array(values, f"accuracies of {name}")
+        ax.plot(range(len(acc)), acc, marker="o", markersize=3, label=name)
+    ax.set(xlabel="severity (0 = clean)", ylabel="accuracy (%)", title="accuracy under corruption")
+    ax.legend(loc="lower left", fontsize="small", ncol=2)
+    return _save(fig, path)

@@ -283,8 +283,14 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
     return list(experiments.values())
 
 
+#: TrainConfig fields added after RESULTS_VERSION 2, with the value that means "not used": a run key
+#: hashes such a field only when it is set, so adding the field kept the key of every earlier run.
+UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0}
+
+
 def _key(exp: Experiment) -> str:
-    config = make_config(overrides=exp.overrides).to_dict()
+    config = {k: v for k, v in make_config(overrides=exp.overrides).to_dict().items()
+              if k not in UNHASHED_DEFAULTS or v != UNHASHED_DEFAULTS[k]}
     identity = {"config": config, "init_from": exp.init_from.key if exp.init_from else None,
                 "results_version": RESULTS_VERSION, "protocols": list(exp.protocols)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
