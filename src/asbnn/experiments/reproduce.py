@@ -407,8 +407,11 @@ def cpu_name() -> str:
 
 
 def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None = None,
-              data_root: str | None = None, device: str = "auto", progress: bool = True) -> Path:
-    """Run (or resume, or share with other workers) every run of `tables`, then write the report."""
+              data_root: str | None = None, device: str = "auto", progress: bool = True,
+              report_only: bool = False) -> Path:
+    """Run (or resume, or share with other workers) every run of `tables`, then write the report.
+
+    `report_only` runs nothing: the report is written from the runs that have finished."""
     unknown = [t for t in tables if t not in (*TABLES, "all")]
     if unknown:
         raise ConfigError(f"unknown table {unknown[0]}; valid: {', '.join((*TABLES, 'all'))}")
@@ -421,7 +424,7 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
     out = Path(out)
     code_fingerprint()  # the code this process runs, before anything can change on disk
     experiments = plan(tables, scale, seeds)
-    pending = list(experiments)
+    pending = [] if report_only else list(experiments)
     while pending:
         progressed = False
         for exp in list(pending):
@@ -432,7 +435,7 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
                 progressed = True
         if pending and not progressed:  # the rest is being run by other workers: wait for them
             time.sleep(10)
-    wanted = set(TABLES) if "all" in tables else set(tables)
+    wanted = (set(tables) - {"all"}) | (set(PAPER_TABLES) if "all" in tables else set())
     finished = [(exp, run_dir(out, exp)) for exp in experiments if is_done(out, exp)]
     grid = SCALES[scale].regime_map
     notes = {"paper": SCALES[scale].note, "map": grid.note if grid is not None else ""}
