@@ -232,9 +232,14 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
         return exp
 
     grid = scale.regime_map
-    if "map" in wanted and grid is not None:  # every cell's VI first, then AS, then free AS; seed by seed
-        for seed, method, model, schedule, sigma in itertools.product(
-                range(n_seeds), grid.methods, grid.models, grid.schedules, grid.init_sigmas):
+    if "map" in wanted and grid is not None:
+        # VI and AS of every cell and seed first (the comparison the map is for), the cheaper variants after
+        primary = tuple(m for m in grid.methods if m in ("vi", "as"))
+        order = [(seed, method, model, schedule, sigma)
+                 for methods in (primary, tuple(m for m in grid.methods if m not in primary))
+                 for seed, method, model, schedule, sigma in itertools.product(
+                     range(n_seeds), methods, grid.models, grid.schedules, grid.init_sigmas)]
+        for seed, method, model, schedule, sigma in order:
             label, overrides = MAP_METHODS[method]
             add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
                 {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
