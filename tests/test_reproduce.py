@@ -69,6 +69,7 @@ def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, 
     assert len(experiments) == len(grid.models) * len(grid.init_sigmas) * len(grid.schedules) * len(grid.methods)
     assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in experiments)
     assert [e.columns["method"] for e in experiments[:2]] == ["vi", "vi"]  # every cell's VI first
+    assert [e.columns["method"] for e in plan(["map"], "smoke", seeds=2)][-1] == "free"  # free AS after all seeds
     assert not any("map" in e.tables for e in plan(["all"], "smoke"))  # all = the paper's tables
     exp = next(e for e in experiments if e.columns["method"] == "free" and e.columns["model"] == "allconv")
     assert exp.overrides["as_variant"] == "free" and exp.overrides["method"] == "as"

@@ -102,7 +102,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from .experiments.reproduce import reproduce
 
     path = reproduce(args.tables, args.scale, args.out, seeds=args.seeds, data_root=args.data_root,
-                     device=args.device, progress=not args.quiet)
+                     device=args.device, progress=not args.quiet, report_only=args.report_only)
     print(f"report: {path}")
 
 
@@ -177,13 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("reproduce", help="the paper's tables and figures at smoke / cpu / full scale")
-    p.add_argument("tables", nargs="+", help="table1 table2 table3 lambda curves, or all")
-    p.add_argument("--scale", default="cpu", help="smoke, cpu or full")
+    p.add_argument("tables", nargs="+",
+                   help="table1 table2 table3 lambda curves cheap, all (those six), or map (the regime map)")
+    p.add_argument("--scale", default="cpu", help="smoke, cpu, mid (CIFAR-10 Table 2 on a CPU) or full")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the scale's)")
     p.add_argument("--out", default="runs/reproduce", help="results folder, shared by all workers")
     p.add_argument("--data-root")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="run nothing; write the report from finished runs")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("download", help="download an official data set archive (checksum verified)")
