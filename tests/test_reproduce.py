@@ -102,3 +102,15 @@ def test_run_keys_of_running_experiments_survive_new_config_fields():
     keys = {e.name: e.key for e in plan(["table2"], "mid")}
     assert keys["cifar10-resnet20-det-s0"] == "8848050a51e7"
     assert keys["cifar10-resnet20-finetune-as-s1"] == "04c7875d05b7"
+
+
+def test_every_run_key_of_the_running_experiments_survives_amp_auto():
+    """`amp: auto` became the default; the cpu map and the mid scale set amp: true, so all their keys
+    (not only the sampled ones above) are those computed before, when amp: true was the default."""
+    import hashlib
+
+    def digest(experiments):
+        return hashlib.sha256(json.dumps(sorted(e.key for e in experiments)).encode()).hexdigest()[:16]
+
+    assert digest(plan(["map"], "cpu", 2)) == "0708c9c7a13cb052"
+    assert digest(plan(["table2"], "mid")) == "d471e995ee584e8b"
