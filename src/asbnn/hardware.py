@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .fileio import atomic_write_text
+from .posterior import Posterior
 
 Precision = Literal["bf16", "fp32"]
 Amp = bool | Literal["auto"]
@@ -124,8 +125,8 @@ def can_resume(device: torch.device, amp: Amp, precision: Precision) -> bool:
 def measure(net: nn.Module, workload: Workload, device: torch.device) -> dict[str, float | str]:
     """Time one step of a copy of `net` in bf16 and in fp32 (interleaved rounds, median) on random
     inputs, and compare their results; `net`, its statistics and the global random state are untouched."""
-    step = _probe(net, workload, device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws, e.g.
+        step = _probe(net, workload, device)
         cosine = float(F.cosine_similarity(step(True).double(), step(False).double(), dim=0))  # also the warm-up
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(ROUNDS):
@@ -149,8 +150,6 @@ def time_step(step: Callable[[bool], Tensor], bf16: bool, device: torch.device) 
 def _probe(net: nn.Module, workload: Workload, device: torch.device) -> Callable[[bool], Tensor]:
     """The measured step: a training step's gradient, or an evaluation's logits, at fixed inputs and
     (for a posterior) fixed weight noise, as a flat vector."""
-    from .posterior import Posterior  # posterior does not need hardware; this keeps the import one-way
-
     net = copy.deepcopy(net).train(workload.task == "train")
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(workload.batch_size, *workload.input_shape, generator=generator, device=device)
