@@ -9,7 +9,7 @@ Samples are evaluated several at a time with `torch.func.vmap` over stacked eps 
 one after another ("loop"); both give the same numbers, the faster one depends on the device.
 The fast evaluation (`fast`, with bf16 where it pays: `asbnn eval --amp`) folds BatchNorm into the
 convolutions, feeds NHWC batches and forms each sampled network's weights once, not once per batch:
-its numbers differ from the exact fp32 ones in the last bits (bf16: within 0.1 point).
+its numbers differ from the exact fp32 ones in the last bits (bf16: about 0.1 point, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def sampled_predictions(
     """Run K sampled models (or one deterministic network) over `loader` and reduce the outputs.
 
     `amp` runs the forward passes in bf16 autocast (logits reduced in fp32): about 2x faster on
-    AMX CPUs (and GPUs), metrics within 0.1 point (docs/benchmarks.md). It is done as asked;
+    AMX CPUs (and GPUs), metrics within about 0.1 point (docs/benchmarks.md). It is done as asked;
     `hardware.choose_precision` says where it pays. `fast`: BatchNorm folded, NHWC batches (see
     the module docstring; the exact fp32 numbers change in the last bits). With `recalibration`
     (batches of training images), each sampled network is evaluated with BatchNorm statistics

@@ -56,7 +56,8 @@ def evaluate_run(
 
     `amp` asks for the fast evaluation: bf16 forward passes where `hardware.choose_precision`
     measures that they pay (as a training run with `amp: auto`), BatchNorm folded into the
-    convolutions and NHWC batches (`evaluate`); metrics within 0.1 point of the exact fp32 ones.
+    convolutions and NHWC batches (`evaluate`); 4-6x faster on an AMX CPU, metrics within about 0.1
+    point of the exact fp32 ones (the extremes of the sampled accuracies 0.2; docs/benchmarks.md).
     `bn_recalibrate` (True or a `Recalibration`) evaluates every sampled network with BatchNorm
     statistics re-estimated at its own eps from a fixed set of training images; its results go
     to RUN/eval-recalibrated unless `out` says otherwise. `calibrate` adds temperature scaling
