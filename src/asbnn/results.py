@@ -35,6 +35,7 @@ def evaluate_run(
     seed: int = 0,
     *,
     ood: list[str] | None = None,
+    data: str | None = None,
     data_root: str | None = None,
     out: str | Path | None = None,
     mode: Mode | Literal["auto"] = "auto",
