@@ -98,6 +98,7 @@ def bad_values(tmp_path):
             "overrides": (["quickstart", "epochs"], "'epochs'"),
             "out": (["quickstart", "--out", str(file)], "--out"),
             "resume": (["quickstart", "--resume=yes"], "--resume"),
+            "overwrite": (["quickstart", "--overwrite=yes"], "--overwrite"),
             "preset": (["quickstart", "--preset", "papr"], "--preset"),
             "data_root": (["quickstart", "--data-root", missing], "--data-root"),
             "device": (["quickstart", "--device", "gpu"], "--device"),

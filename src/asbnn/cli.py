@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     main_process = is_main_process()  # under torchrun, rank 0 reports and evaluates
     if main_process:
         print(f"training {cfg.model} on {cfg.dataset} ({cfg.method}) into {out}")
-    train(cfg, out, resume=args.resume, progress=not args.quiet)
+    train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if not args.no_eval and main_process:
         evaluate_run(out, num_samples=cfg.eval_samples)  # prints the table even with --quiet
 
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value settings that override the config")
     p.add_argument("--out", type=folder, help="run folder (default runs/<dataset>-<model>-<method>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: delete its checkpoints, log and evaluations first")
     p.add_argument("--preset", choices=sorted(PRESETS), help="'paper' = the authors' code, traps included")
     p.add_argument("--data-root", type=existing_folder, help="data folder (else $ASBNN_DATA, else ~/.cache/asbnn/data)")
     p.add_argument("--device", type=device, help="auto, cpu, cuda, cuda:N")

@@ -5,6 +5,10 @@
     checkpoint.pt        written atomically after every epoch
     checkpoint.prev.pt   the one before, which a resume falls back to when checkpoint.pt is damaged
     tensorboard/         event files, with `tensorboard: true`
+    eval/, eval-recalibrated/   what `evaluate_run` writes
+
+A new run refuses a folder holding any of these (they are another run's), unless asked to
+replace them.
 
 Checkpoints load with `weights_only=True`, so a crafted pickle cannot execute code.
 """
@@ -15,6 +19,7 @@ import io
 import json
 import pickle
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -38,6 +43,8 @@ CONFIG = "config.yaml"
 LOG = "log.jsonl"
 CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = previous_path(CHECKPOINT).name
+#: Everything a run writes into its folder.
+RUN_FILES = (CONFIG, LOG, CHECKPOINT, PREV_CHECKPOINT, "tensorboard", "eval", "eval-recalibrated")
 _STATE_KEYS = ("kind", "config", "epoch", "net", "optimizer")
 
 
@@ -153,13 +160,20 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Mo
 # ---------------------------------------------------------------- starting and resuming a run
 
 
+def run_files(out: Path) -> list[str]:
+    """The names of the files and folders of a run in `out` (none for a new or empty folder)."""
+    return [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+
+
 def start_run(out: Path, cfg: TrainConfig) -> None:
-    """Make `out` the folder of a new run: its config, and no log or previous checkpoint of an older one."""
+    """Make `out` the folder of a new run: its config, and nothing of an older one (no log, evaluation
+    or previous checkpoint to fall back to); files that are not a run's stay."""
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
+        for name in run_files(out):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         save_yaml(cfg, out / CONFIG)
-        (out / LOG).unlink(missing_ok=True)
-        (out / PREV_CHECKPOINT).unlink(missing_ok=True)  # an earlier run's: never fall back to it
 
 
 def remove_leftovers(out: Path) -> None:

@@ -28,7 +28,7 @@ from .errors import AsbnnError, ConfigError
 from .fileio import append_jsonl
 from .hardware import autocast, require_compiler, resolve_device, step_precision, use_amp, use_deterministic_kernels
 from .runfolder import (
-    CHECKPOINT, LOG, checkpoint_state, deterministic_weights, remove_leftovers, restoring, resume_state,
+    CHECKPOINT, LOG, checkpoint_state, deterministic_weights, remove_leftovers, restoring, resume_state, run_files,
     save_checkpoint, start_run, tensorboard_writer, truncate_log,
 )
 
@@ -37,11 +37,19 @@ class TrainingDiverged(AsbnnError):
     """The loss or the parameters became NaN or infinite."""
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train `cfg` into run folder `out`; with `resume`, continue from its last checkpoint."""
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> Path:
+    """Train `cfg` into run folder `out`; with `resume`, continue from its last checkpoint (if any).
+
+    A folder holding another run's files is refused, since a new run would delete what they hold
+    (a checkpoint a resume could still use, an evaluation of other weights), unless `overwrite`."""
     out = Path(out)
-    if (out / CHECKPOINT).exists() and not resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    found = run_files(out)
+    if found and not resume and not overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --out")
     ranks, device = distributed.setup(resolve_device(cfg.device))
     if cfg.compile:
         require_compiler(device)

@@ -13,7 +13,6 @@ from typing import Any
 
 from ..config import make_config
 from ..results import compare_runs, evaluate_run
-from ..runfolder import CHECKPOINT
 from ..train import train
 
 QUICKSTART_CONFIG = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
@@ -31,7 +30,7 @@ def quickstart(out: Path, data_root: str | None = None, quiet: bool = False, **o
         began = time.perf_counter()
         if not quiet:
             print(f"== {method}: {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs -> {run}")
-        train(cfg, run, resume=(run / CHECKPOINT).exists(), progress=not quiet)
+        train(cfg, run, resume=True, progress=not quiet)  # a killed quickstart goes on where it was
         evaluate_run(run, num_samples=cfg.eval_samples, ood=["mnist"], progress=False)
         if not quiet:
             print(f"   done in {time.perf_counter() - began:.0f} s")
