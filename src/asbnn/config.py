@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from .adversarial import ASConfig
-from .data import list_datasets
+from .data import list_datasets, looks_like_path
 from .errors import ConfigError, first_line
 from .fileio import atomic_write_text
 from .models import list_models
@@ -180,14 +180,6 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
-def _path_exists(name: str) -> bool:
-    """Whether `name` names an existing path; a name no file system accepts (too long, a NUL) does not."""
-    try:
-        return Path(name).exists()
-    except (OSError, ValueError):
-        return False
-
-
 def validate(cfg: TrainConfig) -> None:
     """Type-check every field and check ranges; raises ConfigError with one clear line."""
     for name, hint in _field_types().items():
@@ -211,7 +203,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lr_milestones must be increasing positive epochs, got {cfg.lr_milestones}")
     if cfg.model not in list_models():
         raise ConfigError(f"unknown model {cfg.model!r}; valid: {', '.join(list_models())}")
-    if cfg.dataset not in list_datasets() and not _path_exists(cfg.dataset):
+    # a path need not exist: a trained run keeps its config after its data moves (`eval --data`)
+    if cfg.dataset not in list_datasets() and not looks_like_path(cfg.dataset):
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(list_datasets())}, "
                           "or the path of an image folder / .tar.gz")
     cfg.posterior_config()  # PosteriorConfig and ASConfig check their own ranges

@@ -19,10 +19,10 @@ from torch import Tensor
 
 from . import metrics, report
 from .bn_recalibration import Recalibration
-from .build import build_data, subset
+from .build import build_test_loader, check_images, subset
 from .config import TrainConfig
-from .data import ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, eval_loader, load_dataset
-from .errors import ConfigError
+from .data import ArrayDataset, DatasetInfo, DeviceLoader, eval_loader, load_dataset, looks_like_path
+from .errors import ConfigError, DataError
 from .evaluate import Mode, Predictions, choose_mode, ood_summary, sampled_predictions, summarize, timed_predictions
 from .fileio import atomic_write_text, read_jsonl
 from .hardware import resolve_device, use_amp
@@ -47,6 +47,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval.
 
+    `data` is where the run's data set is now, if it moved (the run's network, classes and
+    normalisation come from its checkpoint, not from the data).
     `amp` asks for bf16 forward passes; they run where `hardware.use_amp` allows, as in training.
     `bn_recalibrate` (True or a `Recalibration`) evaluates every sampled network with BatchNorm
     statistics re-estimated at its own eps from a fixed set of training images; its results go
@@ -59,16 +61,22 @@ def evaluate_run(
     net, cfg, info = load_run(run, dev)
     if data_root is not None:
         cfg.data_root = data_root
+    if data is not None:
+        cfg.dataset = data
+    elif looks_like_path(cfg.dataset) and not Path(cfg.dataset).expanduser().exists():
+        raise DataError(f"{cfg.dataset}, the data set this run was trained on, is not there any more; "
+                        "pass where it is now with --data PATH")
     run_dir = checkpoint_path(run).parent
     recal = Recalibration() if bn_recalibrate is True else bn_recalibrate or None
+    mode = choose_mode(dev) if mode == "auto" else mode
+    test = build_test_loader(cfg, info, dev)
+    ood_loaders = {name: ood_loader(name, cfg, info, dev) for name in ood or []}  # all read before any work
     out = Path(out) if out else run_dir / ("eval-recalibrated" if recal else "eval")
     out.mkdir(parents=True, exist_ok=True)
-    mode = choose_mode(dev) if mode == "auto" else mode
-    data = build_data(cfg, dev)
     recal_batches = recalibration_batches(cfg, info, recal, dev) if recal else None
     if recal_batches is not None:
         mode = "loop"
-    pred, seconds = timed_predictions(net, data.test, num_samples=num_samples, seed=seed, mode=mode,
+    pred, seconds = timed_predictions(net, test, num_samples=num_samples, seed=seed, mode=mode,
                                       keep_probs=save_probs, amp=amp, recalibration=recal_batches)
     protocol = ({"batchnorm": "recalibrated per sampled network", "recalibration": dataclasses.asdict(recal),
                  "recalibration_images": sum(len(x) for x in recal_batches)}
@@ -76,15 +84,7 @@ def evaluate_run(
     result = {"run": str(run_dir), "config": cfg.to_dict(), "protocol": protocol, **summarize(pred),
               "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": "bf16" if amp else "fp32"}}
     ood_scores = {}
-    for name in ood or []:
-        ood_info = dataset_info(name)
-        if (ood_info.channels, ood_info.image_size) != (info.channels, info.image_size):
-            raise ConfigError(f"OOD set {name} has {ood_info.channels}x{ood_info.image_size}px images, "
-                              f"the model expects {info.channels}x{info.image_size}px")
-        ood_data = subset(load_dataset(name, "test", cfg.data_root), cfg.test_subset)
-        # OOD labels name other classes: only the uncertainty scores are used, labels are placeholders
-        ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
-        loader = eval_loader(ood_data, info.mean, info.std, device=dev, channels_last=cfg.channels_last)
+    for name, loader in ood_loaders.items():
         ood_pred = sampled_predictions(net, loader, num_samples=num_samples, seed=seed, mode=mode, amp=amp,
                                        recalibration=recal_batches)
         result.setdefault("ood", {})[name] = ood_summary(pred, ood_pred)
@@ -115,6 +115,15 @@ def evaluate_run(
         print(markdown_summary({label: result}))
         print(f"\n{num_samples} sampled models in {seconds:.1f} s ({mode}); results in {out}")
     return result
+
+
+def ood_loader(name: str, cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> DeviceLoader:
+    """The test split of OOD set `name` (its training split is never read), normalised like the run's data."""
+    ood_data = subset(load_dataset(name, "test", cfg.data_root), cfg.test_subset)
+    check_images(f"OOD set {name}", ood_data, info)
+    # OOD labels name other classes: only the uncertainty scores are used, labels are placeholders
+    ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
+    return eval_loader(ood_data, info.mean, info.std, device=device, channels_last=cfg.channels_last)
 
 
 def recalibration_batches(cfg: TrainConfig, info: DatasetInfo, recal: Recalibration,

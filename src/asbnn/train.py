@@ -104,7 +104,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
         if ranks.is_main:  # rank 0 alone evaluates, logs and checkpoints
             record.update(epoch_metrics(net, cfg, data.test, device, epoch))
             append_jsonl(out / LOG, record)
-            save_checkpoint(checkpoint_state(cfg, epoch + 1, precision, net, optimizer,
+            save_checkpoint(checkpoint_state(cfg, data.info, epoch + 1, precision, net, optimizer,
                                              sampler.state_dict() if sampler is not None else None), out / CHECKPOINT)
         barrier(ranks)
         if writer is not None:
