@@ -113,8 +113,13 @@ def wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def kill_after(proc: subprocess.Popen, delay: float) -> None:
-    time.sleep(delay)
+def kill_after(proc: subprocess.Popen, delay: float, latest=lambda: False) -> None:
+    """SIGKILL `proc` `delay` seconds from now, or as soon as `latest()` holds if that is sooner: a
+    run whose later epochs go faster than the first (a machine that got quieter) is still killed
+    before it ends."""
+    end = time.monotonic() + delay
+    while time.monotonic() < end and not latest():
+        time.sleep(0.005)
     assert proc.poll() is None, f"the run ended before the kill, {delay:.2f} s after the kill point"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -142,8 +147,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path, shared_d
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(proc, lambda: lines_in(run / "log.jsonl") >= 1)
     epoch_time = json.loads((run / "log.jsonl").read_text())["epoch_time"]
-    delay = random.uniform(0, 1.5 * epoch_time)  # anywhere in epoch 2, its save, or early in epoch 3
-    kill_after(proc, delay)
+    delay = random.uniform(0, 1.5 * epoch_time)  # anywhere in epoch 2, or as its save begins (its log line)
+    kill_after(proc, delay, latest=lambda: lines_in(run / "log.jsonl") >= 2)
     assert_checkpoints_whole(run)
 
     done = subprocess.run(cli_command(run, shared_data, "--no-eval", "--resume"), env=cli_env,

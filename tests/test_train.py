@@ -172,9 +172,12 @@ def test_test_split_with_classes_the_model_does_not_have(tmp_path):
 @pytest.mark.slow  # torch.compile
 def test_compile_and_channels_last_change_speed_not_results(shared_data, tmp_path):
     """A compiled step on NHWC batches computes what the eager NCHW step does, AS passes and BatchNorm
-    policy included, and its run is checkpointed and evaluated as a plain one."""
+    policy included, and its run is checkpointed and evaluated as a plain one.
+
+    Plain SGD: the two sum in other orders, and Adam would turn that rounding noise in near-zero
+    gradients into full-size steps, by an amount that depends on the CPU's kernels."""
     values = dict(dataset="cifar10", method="as", as_steps=2, epochs=1, train_subset=300, test_subset=200,
-                  amp=False, eval_samples=2)
+                  amp=False, eval_samples=2, optimizer="sgd", momentum=0.0)
     eager = train(small(shared_data, **values), tmp_path / "eager", progress=False)
     fast = train(small(shared_data, **values, compile=True, channels_last=True), tmp_path / "fast", progress=False)
     log_eager, log_fast = (json.loads((run / "log.jsonl").read_text()) for run in (eager, fast))
