@@ -210,3 +210,19 @@ def test_resuming_a_finished_run_with_tensorboard_and_progress(shared_data, tmp_
     train(cfg, tmp_path / "run", resume=True, progress=True)  # an UnboundLocalError before
     assert "train_loss" not in capsys.readouterr().out
     assert (tmp_path / "run" / "log.jsonl").read_text() == log
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log-file", "terminal"])
+def test_progress_is_one_line_per_epoch_unless_on_a_terminal(shared_data, tmp_path, capsys, monkeypatch, terminal):
+    """A log file (CI, nohup) gets one line per epoch; carriage-return bar updates only on a terminal."""
+    monkeypatch.setattr(train_module, "on_terminal", lambda: terminal, raising=False)
+    cfg = small(shared_data, method="vi", epochs=2, train_subset=500, test_subset=100)
+    train(cfg, tmp_path / "run", progress=True)
+    out, err = capsys.readouterr()
+    if terminal:
+        assert "\r" in err and "epoch 2/2" in err  # the bar
+        assert out.splitlines() == [line for line in out.splitlines() if line.startswith("epoch 2  train_loss")]
+    else:
+        assert "\r" not in out + err and err == ""
+        lines = out.splitlines()
+        assert len(lines) == 2 and lines[0].startswith("epoch 1  train_loss") and "test_acc" in lines[1]

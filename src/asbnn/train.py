@@ -9,6 +9,7 @@ would have done.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     if cfg.deterministic:
         use_deterministic_kernels()
     progress = progress and ranks.is_main
+    # a bar on a terminal; elsewhere (a log file, CI, nohup) its carriage-return updates would pile up
+    # by the thousand, so one line per epoch instead
+    bar_shown = progress and on_terminal()
     if ranks.is_main:
         remove_leftovers(out)
     state = resume_state(out, cfg, device) if resume else None  # before the data: a bad checkpoint fails fast
@@ -96,7 +100,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
         noise = streams.rank_noise(device, cfg.seed, epoch, ranks.rank) if ranks.world > 1 else batches
         began = time.perf_counter()
         with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
-                  disable=not progress, leave=False) as bar:
+                  disable=not bar_shown, leave=False) as bar:
             record = {"epoch": epoch + 1, "lr": lr, "precision": precision}
             record.update(train_epoch(step_net, cfg, data.train, optimizer, kl_weight, epoch + 1, bar=bar,
                                       batch_stream=batches, noise_stream=noise, sampler=sampler, ranks=ranks))
@@ -107,13 +111,20 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
             save_checkpoint(checkpoint_state(cfg, data.info, epoch + 1, precision, net, optimizer,
                                              sampler.state_dict() if sampler is not None else None), out / CHECKPOINT)
         barrier(ranks)
+        if progress and not bar_shown:
+            print(summary(record), flush=True)
         if writer is not None:
             log_tensorboard(writer, record, net if cfg.bayesian else None)
     if writer is not None:
         writer.close()
-    if progress and record is not None:
+    if bar_shown and record is not None:
         tqdm.write(summary(record))
     return out
+
+
+def on_terminal() -> bool:
+    """Whether progress bars are seen as bars (stderr is a terminal), not as a stream of updates."""
+    return sys.stderr.isatty()
 
 
 def train_epoch(
