@@ -118,6 +118,11 @@ def bad_values(tmp_path):
             "device": ([missing, "--device", "cuda:x"], "--device"),
             "amp": ([missing, "--amp=1"], "--amp"),
             "bn_recalibrate": ([missing, "--bn-recalibrate=1"], "--bn-recalibrate"),
+            "ensemble": ([missing, "--ensemble=1"], "--ensemble"),
+            "calibrate": ([missing, "--calibrate=1"], "--calibrate"),
+            "shift": ([missing, "--shift=1"], "--shift"),
+            "shift_samples": ([missing, "--shift-samples", "0"], "--shift-samples"),
+            "shift_subset": ([missing, "--shift-subset", "-5"], "--shift-subset"),
         },
         "compare": {
             "runs": ([str(not_evaluated)], str(not_evaluated)),
@@ -146,6 +151,7 @@ def bad_values(tmp_path):
             "data_root": (["table1", "--data-root", missing], "--data-root"),
             "device": (["table1", "--device", "cuda:"], "--device"),
             "quiet": (["table1", "--quiet=1"], "--quiet"),
+            "report_only": (["table1", "--report-only=1"], "--report-only"),
         },
         "download": {
             "dataset": (["mnist"], "'mnist'"),
@@ -230,5 +236,5 @@ def test_settings_may_come_after_the_options(capsys, tmp_path, shared_data):
                  ["train", "quickstart", "model=mlp", "--quiet", "model=resnet21"]):
         code, _, err = run_cli(capsys, *args)
         assert code == 2 and "unknown model 'resnet21'" in err, args
-    code, _, err = run_cli(capsys, "eval", str(tmp_path), "epochs=3")
+    code, _, err = run_cli(capsys, "download", "cifar10", "epochs=3")  # other subcommands take no settings
     assert code == 2 and "unrecognized arguments: epochs=3" in err

@@ -69,6 +69,7 @@ def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, 
     assert len(experiments) == len(grid.models) * len(grid.init_sigmas) * len(grid.schedules) * len(grid.methods)
     assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in experiments)
     assert [e.columns["method"] for e in experiments[:2]] == ["vi", "vi"]  # every cell's VI first
+    assert [e.columns["method"] for e in plan(["map"], "smoke", seeds=2)][-1] == "free"  # free AS after all seeds
     assert not any("map" in e.tables for e in plan(["all"], "smoke"))  # all = the paper's tables
     exp = next(e for e in experiments if e.columns["method"] == "free" and e.columns["model"] == "allconv")
     assert exp.overrides["as_variant"] == "free" and exp.overrides["method"] == "as"
@@ -91,3 +92,13 @@ def test_run_keys_follow_the_config_and_results_version_not_the_source(monkeypat
     assert {e.name: e.key for e in plan(["table1"], "smoke")} == before
     monkeypatch.setattr(reproduce_module, "RESULTS_VERSION", reproduce_module.RESULTS_VERSION + 1)
     assert all(before[e.name] != e.key for e in plan(["table1"], "smoke"))
+
+
+def test_run_keys_of_running_experiments_survive_new_config_fields():
+    """Fields added to TrainConfig (dropout) are hashed only when set: these keys were computed before."""
+    keys = {e.name: e.key for e in plan(["map"], "cpu", 2)}
+    assert keys["map-fashion-mnist-lenet5-multistep-sigma0.05-vi-s0"] == "b57158d5e6d6"
+    assert keys["map-fashion-mnist-allconv-multistep-sigma0.15-free-s1"] == "f3cfd18bf95c"
+    keys = {e.name: e.key for e in plan(["table2"], "mid")}
+    assert keys["cifar10-resnet20-det-s0"] == "8848050a51e7"
+    assert keys["cifar10-resnet20-finetune-as-s1"] == "04c7875d05b7"

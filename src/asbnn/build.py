@@ -71,7 +71,7 @@ def build_network(cfg: TrainConfig, info: DatasetInfo, init_weights: dict[str, T
     start the model; for a posterior they become the means (a Bayesian fine-tune).
     """
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels)
+    model = create_model(cfg.model, num_classes=info.num_classes, in_channels=info.channels, dropout=cfg.dropout)
     if init_weights is not None:
         model.load_state_dict(init_weights)
     if not cfg.bayesian:

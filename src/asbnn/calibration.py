@@ -12,10 +12,12 @@ one sampled network.
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from asbnn import metrics
 from asbnn.errors import ConfigError
 from asbnn.metrics import EPS
 
@@ -75,3 +77,20 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     if not 0 < temperature < math.inf:
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
     return torch.softmax(logits / temperature, dim=-1)
+
+
+def holdout_indices(n_train: int, fraction: float = 0.1, cap: int = 5000, seed: int = 0) -> np.ndarray:
+    """The training images temperature scaling is fitted on: a fixed seeded subset of `fraction` of
+    them, at most `cap`, sorted. The network was trained on them too (no split was held out during
+    training), so T fitted here tends to be lower than one fitted on unseen data."""
+    n = max(1, min(cap, int(fraction * n_train)))
+    return np.sort(np.random.default_rng(seed).permutation(n_train)[:n])
+
+
+def calibrated_numbers(holdout_probs: Tensor, holdout_labels: Tensor, probs: Tensor, labels: Tensor) -> dict:
+    """T fitted on the hold-out predictions; the test NLL and ECE before and after applying it."""
+    temperature = fit_temperature(logits_from_probs(holdout_probs), holdout_labels)
+    after = apply_temperature(logits_from_probs(probs), temperature)
+    return {"temperature": temperature,
+            "before": {"nll": float(metrics.nll(probs, labels)), "ece": float(metrics.ece(probs, labels))},
+            "after": {"nll": float(metrics.nll(after, labels)), "ece": float(metrics.ece(after, labels))}}

@@ -61,12 +61,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .results import evaluate_run
+    from .results import evaluate_ensemble, evaluate_run
 
-    evaluate_run(args.run, num_samples=args.samples, seed=args.seed, ood=args.ood, data=args.data,
-                 data_root=args.data_root,
-                 out=args.out, mode=args.mode, save_probs=args.save_probs, device=args.device, amp=args.amp,
-                 bn_recalibrate=args.bn_recalibrate)
+    extras = dict(seed=args.seed, ood=args.ood, data=args.data, data_root=args.data_root, out=args.out,
+                  save_probs=args.save_probs, device=args.device, amp=args.amp, calibrate=args.calibrate,
+                  shift=args.shift, shift_samples=args.shift_samples, shift_subset=args.shift_subset)
+    if args.ensemble:
+        if args.bn_recalibrate:
+            raise AsbnnError("--bn-recalibrate is for sampled networks of one run, not for --ensemble")
+        evaluate_ensemble(args.run, **extras)
+    elif len(args.run) > 1:
+        raise AsbnnError(f"{len(args.run)} runs given: evaluate them one at a time, or as one deep ensemble "
+                         "with --ensemble")
+    else:
+        evaluate_run(args.run[0], num_samples=args.samples, mode=args.mode, bn_recalibrate=args.bn_recalibrate,
+                     **extras)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -99,7 +108,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from .experiments.reproduce import reproduce
 
     path = reproduce(args.tables, args.scale, args.out, seeds=args.seeds, data_root=args.data_root,
-                     device=args.device, progress=not args.quiet)
+                     device=args.device, progress=not args.quiet, report_only=args.report_only)
     print(f"report: {path}")
 
 
@@ -208,8 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate K sampled models of a run")
-    p.add_argument("run", help="run folder or checkpoint file")
+    p = sub.add_parser("eval", help="evaluate K sampled models of a run, or a deep ensemble of runs")
+    p.add_argument("run", nargs="+", help="run folder or checkpoint file (several with --ensemble)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="the runs (deterministic, different seeds) are the members of one deep ensemble; "
+                        "results in --out (default runs/ensemble-<dataset>-<model>-x<M>)/eval")
     p.add_argument("--samples", type=count, default=100, help="number of sampled models K")
     p.add_argument("--seed", type=seed, default=0, help="seed of the sampled models")
     p.add_argument("--ood", type=dataset, action="append", default=None,
@@ -220,7 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=folder,
                    help="output folder (default RUN/eval, RUN/eval-recalibrated with --bn-recalibrate)")
     p.add_argument("--mode", choices=["auto", "batched", "loop"], default="auto")
-    p.add_argument("--save-probs", action="store_true", help="also save per-sample probabilities (npz)")
+    p.add_argument("--save-probs", action="store_true",
+                   help="also save per-sample probabilities (float16 npz) of the test, OOD, hold-out and shifted sets")
+    p.add_argument("--calibrate", action="store_true",
+                   help="temperature scaling fitted on a fixed 10%% (at most 5,000) of the training images")
+    p.add_argument("--shift", action="store_true",
+                   help="accuracy, NLL and ECE on the test images under 8 corruptions x 5 severities")
+    p.add_argument("--shift-samples", type=count, default=10, help="sampled models (or members) on shifted data")
+    p.add_argument("--shift-subset", type=count, default=1000, help="test images corrupted for --shift")
     p.add_argument("--device", type=device, default="auto")
     p.add_argument("--amp", action="store_true",
                    help="bf16 forward passes: ~2x faster on GPUs and AMX CPUs, metrics move by ~0.1 point")
@@ -251,13 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("reproduce", help="the paper's tables and figures at smoke / cpu / full scale")
-    p.add_argument("tables", nargs="+", help="table1 table2 table3 lambda curves, or all")
-    p.add_argument("--scale", default="cpu", help="smoke, cpu or full")
+    p.add_argument("tables", nargs="+",
+                   help="table1 table2 table3 lambda curves cheap, all (those six), or map (the regime map)")
+    p.add_argument("--scale", default="cpu", help="smoke, cpu, mid (CIFAR-10 Table 2 on a CPU) or full")
     p.add_argument("--seeds", type=count, help="number of seeds (default: the scale's)")
     p.add_argument("--out", type=folder, default="runs/reproduce", help="results folder, shared by all workers")
     p.add_argument("--data-root", type=existing_folder)
     p.add_argument("--device", type=device, default="auto")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="run nothing; write the report from finished runs")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("download", help="download an official data set archive (checksum verified)")

@@ -30,7 +30,7 @@ from .fileio import atomic_write_text
 from .models import list_models
 from .posterior import PosteriorConfig
 
-Method = Literal["deterministic", "vi", "as"]
+Method = Literal["deterministic", "vi", "as", "mc_dropout"]
 
 
 @dataclass
@@ -64,6 +64,7 @@ class TrainConfig:
     mu_init: Literal["module", "paper"] = "paper"
     kl_weight: float | None = None  # None: 1 / (100 * N_train), the paper's beta
     init_from: str | None = None  # deterministic run or checkpoint: its weights become the means
+    dropout: float = 0.0  # method mc_dropout: rate of the dropout before every conv/linear layer but the first
     # adversarial sampling
     as_steps: int = 5
     as_step_size: float = 0.02
@@ -87,7 +88,7 @@ class TrainConfig:
 
     @property
     def bayesian(self) -> bool:
-        return self.method != "deterministic"
+        return self.method in ("vi", "as")
 
     def posterior_config(self) -> PosteriorConfig:
         return PosteriorConfig(
@@ -207,6 +208,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.dataset not in list_datasets() and not looks_like_path(cfg.dataset):
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(list_datasets())}, "
                           "or the path of an image folder / .tar.gz")
+    if cfg.method == "mc_dropout" and not 0 < cfg.dropout < 1:
+        raise ConfigError(f"method mc_dropout needs 0 < dropout < 1, got {cfg.dropout}")
+    if cfg.method != "mc_dropout" and cfg.dropout != 0:
+        raise ConfigError(f"dropout is a setting of method mc_dropout; method {cfg.method} needs dropout 0")
     cfg.posterior_config()  # PosteriorConfig and ASConfig check their own ranges
     ASConfig(steps=cfg.as_steps, step_size=cfg.as_step_size, lam=cfg.as_lambda,
              kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy)

@@ -12,7 +12,7 @@ one after another ("loop"); both give the same numbers, the faster one depends o
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +24,7 @@ from torch.func import vmap
 from . import metrics, streams
 from .bn_recalibration import recalibrated
 from .data import DeviceLoader
+from .dropout import MCDropout
 from .errors import ConfigError
 from .hardware import autocast
 from .posterior import Posterior
@@ -43,6 +44,7 @@ class Predictions:
     sample_nll: Tensor  # [K] summed negative log-likelihood of each sampled model
     mean_probs: Tensor | None = None  # [N, C] the network at the posterior mean
     sample_probs: Tensor | None = None  # [K, N, C] float16, only when asked to keep them
+    mean_logits: Tensor | None = None  # [N, C] mean of the K logits: what energy and max-logit scores take
 
     @property
     def total(self) -> Tensor:
@@ -56,7 +58,7 @@ class Predictions:
 def sampled_models(posterior: Posterior, seed: int, indices: range) -> Tensor:
     """The eps of sampled models `indices` ([len(indices), P]); each is seeded alone, so chunking never
     changes them."""
-    device = posterior.mu.device
+    device = next(posterior.parameters()).device
     return torch.stack([posterior.sample_eps(streams.eval_sample(device, seed, k)) for k in indices])
 
 
@@ -87,7 +89,7 @@ def sampled_predictions(
     sampled network is evaluated with BatchNorm statistics re-estimated at its own eps
     (`bn_recalibration`), one network at a time."""
     net.eval()
-    bayesian = isinstance(net, Posterior)
+    bayesian = isinstance(net, (Posterior, MCDropout))  # a distribution over networks: K samples
     k_total = num_samples if bayesian else 1
     device = next(net.parameters()).device
     mode = choose_mode(device) if mode == "auto" else mode
@@ -95,7 +97,7 @@ def sampled_predictions(
         mode, chunk = "loop", 1
     labels = torch.cat([y for _, y in loader.batches()])
     n = len(labels)
-    ens = aleatoric = mean_probs = kept = None
+    ens = aleatoric = mean_probs = kept = logit_sum = None
     correct = torch.zeros(k_total, device=device)
     nll = torch.zeros(k_total, device=device, dtype=torch.float64)
     for start in range(0, k_total, chunk):
@@ -115,11 +117,13 @@ def sampled_predictions(
                 if ens is None:
                     ens = torch.zeros(n, probs.shape[-1], device=device, dtype=torch.float64)
                     aleatoric = torch.zeros(n, device=device, dtype=torch.float64)
+                    logit_sum = torch.zeros(n, probs.shape[-1], device=device, dtype=torch.float64)
                     if keep_probs:
                         kept = torch.zeros(k_total, n, probs.shape[-1], dtype=torch.float16)
                 rows = slice(offset, offset + len(y))
                 ens[rows] += probs.sum(0).double()
                 aleatoric[rows] += metrics.entropy(probs, logp).sum(0).double()
+                logit_sum[rows] += logits.float().sum(0).double()
                 correct[start:ks.stop] += metrics.correct_counts(logits, y)
                 nll[start:ks.stop] += metrics.nll_sums(logp, y).double()
                 if kept is not None:
@@ -132,6 +136,7 @@ def sampled_predictions(
     return Predictions(
         labels=labels, ensemble_probs=(ens / k_total).float(), aleatoric=(aleatoric / k_total).float(),
         sample_correct=correct, sample_nll=nll.float(), mean_probs=mean_probs, sample_probs=kept,
+        mean_logits=(logit_sum / k_total).float(),
     )
 
 
@@ -178,22 +183,34 @@ def summarize(pred: Predictions) -> dict[str, Any]:
     return out
 
 
+def ood_scores(pred: Predictions) -> dict[str, Tensor]:
+    """Per input, the OOD scores (higher = more OOD): total and epistemic uncertainty, and the
+    energy and max-logit scores of the mean of the K sampled logits (`metrics.energy_score`)."""
+    scores = {"total": pred.total, "epistemic": pred.epistemic}
+    if pred.mean_logits is not None:
+        scores["energy"] = metrics.energy_score(pred.mean_logits)
+        scores["max_logit"] = metrics.max_logit_score(pred.mean_logits)
+    return scores
+
+
 def ood_summary(in_pred: Predictions, out_pred: Predictions) -> dict[str, dict[str, float]]:
-    """OOD detection (OOD = positive, higher score = more OOD) by total and epistemic uncertainty."""
+    """OOD detection by each of `ood_scores`: AUROC, FPR at 95 % TPR and AUPR with the OOD inputs
+    as the positive class ("aupr"), AUPR with the in-distribution inputs positive ("aupr_in")."""
     result = {}
-    for name in ("total", "epistemic"):
-        s_in, s_out = getattr(in_pred, name), getattr(out_pred, name)
+    scores_in, scores_out = ood_scores(in_pred), ood_scores(out_pred)
+    for name, s_in in scores_in.items():
+        s_out = scores_out[name]
         result[name] = {
             "auroc": _f(metrics.auroc(s_in, s_out)), "aupr": _f(metrics.aupr(s_in, s_out)),
-            "fpr95": _f(metrics.fpr_at_tpr(s_in, s_out, 0.95)),
+            "fpr95": _f(metrics.fpr_at_tpr(s_in, s_out, 0.95)), "aupr_in": _f(metrics.aupr_in(s_in, s_out)),
         }
     return result
 
 
-def timed_predictions(net: nn.Module, loader: DeviceLoader, **kwargs: Any) -> tuple[Predictions, float]:
-    """`sampled_predictions` and the seconds they took (the device synchronised)."""
+def timed(predict: Callable[[], Predictions]) -> tuple[Predictions, float]:
+    """`predict()` and the seconds it took (the device synchronised)."""
     began = time.perf_counter()
-    pred = sampled_predictions(net, loader, **kwargs)
+    pred = predict()
     if pred.labels.is_cuda:
         torch.cuda.synchronize()
     return pred, time.perf_counter() - began

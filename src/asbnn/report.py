@@ -351,26 +351,33 @@ def plot_lambda_sweep(
 
 
 @_styled
-def plot_gain_scatter(
-    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str, ylabel: str, path: str | Path
+def plot_scatter_panels(
+    panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str, ylabel: str,
+    path: str | Path, *, zero_line: bool = False, connect: bool = False, log_x: bool = False,
 ) -> Path:
-    """One scatter panel per title (e.g. per evaluation protocol), one series per label; y = 0 drawn.
+    """One panel per title (e.g. per evaluation protocol), one series per label.
 
-    panels: title -> label -> (xs, ys). For "gain against a predictor" plots, where the sign of y
-    (does the method help?) is what a reader looks for first.
+    panels: title -> label -> (xs, ys). `zero_line` draws y = 0, for "gain against a predictor"
+    plots where the sign of y (does the method help?) is what a reader looks for first;
+    `connect` joins each series' points in x order, for cost curves.
     """
-    _require(panels, "plot_gain_scatter")
+    _require(panels, "plot_scatter_panels")
     labels = sorted({label for series in panels.values() for label in series})
     colours = _colours(labels)
     fig = _figure(ncols=len(panels), width=4.0, height=3.1)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, series) in zip(axes, panels.items()):
-        ax.axhline(0, color="0.4", linewidth=0.8)
+        if zero_line:
+            ax.axhline(0, color="0.4", linewidth=0.8)
         for label, (xs, ys) in series.items():
             x, y = _array(xs, f"x of {label!r}"), _array(ys, f"y of {label!r}")
             if x.size != y.size:
                 raise ConfigError(f"{label!r}: {x.size} x values for {y.size} y values")
-            ax.scatter(x, y, color=colours[label], label=label, s=22)
+            order = np.argsort(x, kind="stable")
+            ax.plot(x[order], y[order], color=colours[label], label=label, marker="o", markersize=4,
+                    linestyle="-" if connect else "none", linewidth=1.0)
+        if log_x:
+            ax.set_xscale("log")
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes[0].legend(loc="best")
     return _save(fig, path)
@@ -430,3 +437,20 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> st
     if arr.size == 1:
         return f"{arr[0]:.{digits}f}"
     return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
+
+
+@_styled
+def plot_shift(accuracies: dict[str, Sequence[float]], path: str | Path) -> Path:
+    """Accuracy against corruption severity, one line per corruption (severity 0: the clean images).
+
+    accuracies: corruption name -> accuracies (fractions) at severities 0, 1, ..., 5.
+    """
+    _require(accuracies, "plot_shift")
+    fig = _figure(width=5.2, height=3.4)
+    ax = fig.subplots()
+    for name, values in accuracies.items():
+        acc = 100 * _array(values, f"accuracies of {name}")
+        ax.plot(range(len(acc)), acc, marker="o", markersize=3, label=name)
+    ax.set(xlabel="severity (0 = clean)", ylabel="accuracy (%)", title="accuracy under corruption")
+    ax.legend(loc="lower left", fontsize="small", ncol=2)
+    return _save(fig, path)

@@ -24,6 +24,7 @@ from .adversarial import FreeAdversarialSampler, RunningStats, bayes_loss
 from .build import build_data, build_network
 from .config import TrainConfig
 from .data import DeviceLoader
+from .dropout import set_training_generator
 from .distributed import Ranks, average_gradients, barrier, reduce, shard
 from .errors import AsbnnError, ConfigError
 from .fileio import append_jsonl
@@ -98,6 +99,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
             group["lr"] = lr
         batches = streams.epoch_batches(device, cfg.seed, epoch)
         noise = streams.rank_noise(device, cfg.seed, epoch, ranks.rank) if ranks.world > 1 else batches
+        set_training_generator(net, noise)  # MC dropout's draws; a no-op for networks without dropout
         began = time.perf_counter()
         with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
                   disable=not bar_shown, leave=False) as bar:

@@ -116,6 +116,50 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
+def training_passes(config: dict[str, Any]) -> float:
+    """Forward-backward passes a run's training cost: steps x passes per step (VI 1, standard AS
+    N + 2, free AS 2). Counted in passes, the cost holds on any hardware; NaN where the training
+    set size is not in the config."""
+    if config.get("train_subset") is None:
+        return float("nan")
+    steps = config["epochs"] * -(-config["train_subset"] // config["batch_size"])
+    if config["method"] != "as":
+        per_step = 1
+    else:
+        per_step = 2 if config.get("as_variant") == "free" else config["as_steps"] + 2
+    return float(steps * per_step)
+
+
+def _equal_compute(runs: list[dict], plots: Path) -> list[str]:
+    """Lowest sampled accuracy and ensemble NLL against training cost, per cell, under both protocols."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(*_cell_key(r), r["exp"].columns["method"])].append(r)
+    figures = {"lowest": ("lowest sampled accuracy (%)", ("sampled", "lowest"), 100.0, "map_cost_lowest.png"),
+               "nll": ("ensemble NLL (nats)", ("ensemble", "nll"), 1.0, "map_cost_nll.png")}
+    lines = ["### Equal compute: quality against training cost", ""]
+    for ylabel, path, scale, name in figures.values():
+        panels = {}
+        for protocol, title in PROTOCOLS.items():
+            series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+            for (model, schedule, sigma, method), group in sorted(groups.items()):
+                values = _metric(group, protocol, path)
+                cost = training_passes(_eval(group[0], "running")["config"]) if _eval(group[0], "running") else np.nan
+                if values and np.isfinite(cost):
+                    xs, ys = series[f"{model}, σ0 {sigma:g}"]
+                    xs.append(cost)
+                    ys.append(scale * float(np.mean(values)))
+            if series:
+                panels[f"BatchNorm {title}"] = dict(series)
+        if panels:
+            report.plot_scatter_panels(panels, "training cost (forward-backward passes)", ylabel, plots / name,
+                                       connect=True, log_x=True)
+            lines += [f"![{ylabel} against cost](plots/{name})", ""]
+    lines += ["Each line joins one cell's methods in order of cost: VI (1 pass a step), free AS (2), AS (N + 2 = 7). "
+              "Deep ensembles and VI trained longer at the same cost are not in this grid yet.", ""]
+    return lines
+
+
 def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
     """The report's lines for the regime map (runs: finished map runs with "exp", "meta", "evals")."""
     lines = ["", "## Regime map: where does AS help, and how much of it is BatchNorm?", "", f"Grid: {note}.", ""]
@@ -153,6 +197,7 @@ def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
             if series:
                 panels[f"BatchNorm {title}"] = dict(series)
         if panels:
-            report.plot_gain_scatter(panels, xlabel, "AS - VI, lowest sampled accuracy (points)", plots / name)
+            report.plot_scatter_panels(panels, xlabel, "AS - VI, lowest sampled accuracy (points)", plots / name,
+                                       zero_line=True)
             lines += [f"![gain against {predictor}](plots/{name})", ""]
-    return lines
+    return lines + _equal_compute(runs, plots)

@@ -232,9 +232,14 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
         return exp
 
     grid = scale.regime_map
-    if "map" in wanted and grid is not None:  # every cell's VI first, then AS, then free AS; seed by seed
-        for seed, method, model, schedule, sigma in itertools.product(
-                range(n_seeds), grid.methods, grid.models, grid.schedules, grid.init_sigmas):
+    if "map" in wanted and grid is not None:
+        # VI and AS of every cell and seed first (the comparison the map is for), the cheaper variants after
+        primary = tuple(m for m in grid.methods if m in ("vi", "as"))
+        order = [(seed, method, model, schedule, sigma)
+                 for methods in (primary, tuple(m for m in grid.methods if m not in primary))
+                 for seed, method, model, schedule, sigma in itertools.product(
+                     range(n_seeds), methods, grid.models, grid.schedules, grid.init_sigmas)]
+        for seed, method, model, schedule, sigma in order:
             label, overrides = MAP_METHODS[method]
             add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
                 {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
@@ -283,8 +288,14 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
     return list(experiments.values())
 
 
+#: TrainConfig fields added after RESULTS_VERSION 2, with the value that means "not used": a run key
+#: hashes such a field only when it is set, so adding the field kept the key of every earlier run.
+UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0}
+
+
 def _key(exp: Experiment) -> str:
-    config = make_config(overrides=exp.overrides).to_dict()
+    config = {k: v for k, v in make_config(overrides=exp.overrides).to_dict().items()
+              if k not in UNHASHED_DEFAULTS or v != UNHASHED_DEFAULTS[k]}
     identity = {"config": config, "init_from": exp.init_from.key if exp.init_from else None,
                 "results_version": RESULTS_VERSION, "protocols": list(exp.protocols)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
@@ -407,8 +418,11 @@ def cpu_name() -> str:
 
 
 def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None = None,
-              data_root: str | None = None, device: str = "auto", progress: bool = True) -> Path:
-    """Run (or resume, or share with other workers) every run of `tables`, then write the report."""
+              data_root: str | None = None, device: str = "auto", progress: bool = True,
+              report_only: bool = False) -> Path:
+    """Run (or resume, or share with other workers) every run of `tables`, then write the report.
+
+    `report_only` runs nothing: the report is written from the runs that have finished."""
     unknown = [t for t in tables if t not in (*TABLES, "all")]
     if unknown:
         raise ConfigError(f"unknown table {unknown[0]}; valid: {', '.join((*TABLES, 'all'))}")
@@ -421,7 +435,7 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
     out = Path(out)
     code_fingerprint()  # the code this process runs, before anything can change on disk
     experiments = plan(tables, scale, seeds)
-    pending = list(experiments)
+    pending = [] if report_only else list(experiments)
     while pending:
         progressed = False
         for exp in list(pending):
@@ -432,7 +446,7 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
                 progressed = True
         if pending and not progressed:  # the rest is being run by other workers: wait for them
             time.sleep(10)
-    wanted = set(TABLES) if "all" in tables else set(tables)
+    wanted = (set(tables) - {"all"}) | (set(PAPER_TABLES) if "all" in tables else set())
     finished = [(exp, run_dir(out, exp)) for exp in experiments if is_done(out, exp)]
     grid = SCALES[scale].regime_map
     notes = {"paper": SCALES[scale].note, "map": grid.note if grid is not None else ""}
