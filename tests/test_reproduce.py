@@ -102,3 +102,13 @@ def test_run_keys_of_running_experiments_survive_new_config_fields():
     keys = {e.name: e.key for e in plan(["table2"], "mid")}
     assert keys["cifar10-resnet20-det-s0"] == "8848050a51e7"
     assert keys["cifar10-resnet20-finetune-as-s1"] == "04c7875d05b7"
+
+
+def test_quickstart_trade_summary_names_each_difference():
+    from asbnn.experiments.quickstart import trade_summary
+
+    vi = {"sampled": {"lowest": 0.80, "std": 0.010}, "ensemble": {"accuracy": 0.85, "nll": 0.40}}
+    adv = {"sampled": {"lowest": 0.82, "std": 0.004}, "ensemble": {"accuracy": 0.84, "nll": 0.45}}
+    line = trade_summary(vi, adv, 10.0, 70.0)
+    assert "lowest sampled model +2.00 points" in line and "-0.60" in line and "ensemble -1.00" in line
+    assert "+0.050 nats" in line and "7.0x the training time" in line

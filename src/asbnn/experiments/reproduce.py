@@ -450,4 +450,4 @@ def reproduce(tables: list[str], scale: str, out: str | Path, seeds: int | None 
     finished = [(exp, run_dir(out, exp)) for exp in experiments if is_done(out, exp)]
     grid = SCALES[scale].regime_map
     notes = {"paper": SCALES[scale].note, "map": grid.note if grid is not None else ""}
-    return write_report(out, wanted, scale, notes, code_fingerprint(), finished, len(experiments))
+    return write_report(out, wanted, scale, notes, code_fingerprint(), finished, len(experiments), seeds)

@@ -170,7 +170,7 @@ def _mean_std(values: list[float]) -> str:
 
 
 def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str], code: str,
-                 finished: list[tuple[Planned, Path]], planned: int) -> Path:
+                 finished: list[tuple[Planned, Path]], planned: int, seeds: int | None = None) -> Path:
     """OUT/report.md (and OUT/plots) from the `finished` runs of the `planned` ones, for tables `wanted`.
 
     `notes` describe the scale: "paper" for the paper's tables, "map" for the regime map."""
@@ -178,20 +178,24 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
     runs = _load(finished)
     plots = out / "plots"
     machines = sorted({r["meta"]["machine"] for r in runs})
+    paper_tables = wanted != {"map"}
     lines = [
         f"# Adversarial Sampling, reproduced at the `{scale}` scale",
         "",
-        f"Scale: {notes['paper'] if wanted != {'map'} else notes['map']}. Made by `asbnn reproduce "
-        f"{' '.join(sorted(wanted))} --scale {scale} --out {out}` (report code {code}), last written "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"Scale: {notes['paper'] if paper_tables else notes['map']}. Made by `asbnn reproduce "
+        f"{' '.join(sorted(wanted))} --scale {scale}{f' --seeds {seeds}' if seeds else ''} --out {out}` "
+        f"(report code {code}), last written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"on: {'; '.join(machines) or 'nothing finished yet'}.",
-        f"{len(runs)} of {planned} runs finished. Accuracies in %, mean ± std over seeds; "
-        "'paper' columns are the paper's numbers where its data set and model match ours, '–' where not.",
+        f"{len(runs)} of {planned} runs finished. Accuracies in %, mean ± std over seeds"
+        + ("; 'paper' columns are the paper's numbers where its data set and model match ours, '–' where not."
+           if paper_tables else "."),
         "",
-        "Variants: *init ours* starts sigma at 0.05, *init authors* at exp(0.15) = 1.16 as the authors' code; "
-        "*BN freeze* keeps BatchNorm running statistics out of the N + 1 adversarial passes, *BN update* "
-        "lets every pass update them as the authors' code. Everything else follows the paper's recipe "
-        "(Adam lr 0.01, batch 100, N = 5, alpha = 0.02, lambda = 0.8, prior sigma 0.15, KL weight 1 / (100 N_train)).",
+        "Everything not named follows the paper's recipe (Adam lr 0.01, batch 100, N = 5, alpha = 0.02, "
+        "lambda = 0.8, prior sigma 0.15, KL weight 1 / (100 N_train)); AS keeps BatchNorm running statistics "
+        "out of the N + 1 adversarial passes (BN freeze)"
+        + (". Variants: *init ours* starts sigma at 0.05, *init authors* at exp(0.15) = 1.16 as the authors' "
+           "code; *BN update* lets every adversarial pass update the running statistics, as the authors' code."
+           if paper_tables else "."),
     ]
     t1 = [r for r in runs if "table1" in r["exp"].tables]
     if wanted & {"table1"} and t1:
