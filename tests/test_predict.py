@@ -125,7 +125,7 @@ def test_bad_inputs_give_one_clear_line(capsys, run, cifar, tmp_path):
         ((str(run), str(empty)), f"no .png/.jpg/.jpeg images in {empty}"),
         ((str(tmp_path / "norun"), str(cifar / "images")), "checkpoint not found"),
         ((str(tmp_path / "x.safetensors"), str(cifar / "images")), "model file not found"),
-        ((str(run), str(cifar / "images"), "--samples", "0"), "--samples and --top must be > 0"),
+        ((str(run), str(cifar / "images"), "--samples", "0"), "argument --samples: must be an integer > 0, got '0'"),
     ]
     for args, message in cases:
         code, out, err = run_cli(capsys, "predict", *args)

@@ -113,8 +113,13 @@ def wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
-def kill_after(proc: subprocess.Popen, delay: float) -> None:
-    time.sleep(delay)
+def kill_after(proc: subprocess.Popen, delay: float, latest=lambda: False) -> None:
+    """SIGKILL `proc` `delay` seconds from now, or as soon as `latest()` holds if that is sooner: a
+    run whose later epochs go faster than the first (a machine that got quieter) is still killed
+    before it ends."""
+    end = time.monotonic() + delay
+    while time.monotonic() < end and not latest():
+        time.sleep(0.005)
     assert proc.poll() is None, f"the run ended before the kill, {delay:.2f} s after the kill point"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -142,8 +147,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path, shared_d
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(proc, lambda: lines_in(run / "log.jsonl") >= 1)
     epoch_time = json.loads((run / "log.jsonl").read_text())["epoch_time"]
-    delay = random.uniform(0, 1.5 * epoch_time)  # anywhere in epoch 2, its save, or early in epoch 3
-    kill_after(proc, delay)
+    delay = random.uniform(0, 1.5 * epoch_time)  # anywhere in epoch 2, or as its save begins (its log line)
+    kill_after(proc, delay, latest=lambda: lines_in(run / "log.jsonl") >= 2)
     assert_checkpoints_whole(run)
 
     done = subprocess.run(cli_command(run, shared_data, "--no-eval", "--resume"), env=cli_env,
@@ -288,12 +293,57 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
         runfolder.load_run(tmp_path / "newer.pt")
 
 
+def small_config(shared_data: Path) -> TrainConfig:
+    return make_config(overrides={"model": "lenet5", "dataset": "fashion-mnist", "data_root": str(shared_data),
+                                  "epochs": 1, "train_subset": 200, "test_subset": 100, "method": "vi"})
+
+
 def test_a_new_run_never_falls_back_to_an_older_runs_checkpoint(tmp_path, shared_data, one_thread):
-    cfg = make_config(overrides={"model": "lenet5", "dataset": "fashion-mnist", "data_root": str(shared_data),
-                                 "epochs": 1, "train_subset": 200, "test_subset": 100, "method": "vi"})
-    save_state(tmp_path / "checkpoint.prev.pt", cfg, 7)  # left over from a deleted run
-    train(cfg, tmp_path, progress=False)
+    cfg = small_config(shared_data)
+    save_state(tmp_path / "checkpoint.prev.pt", cfg, 7)  # left over from a run whose checkpoint.pt is gone
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint.prev.pt\); pass --resume"):
+        train(cfg, tmp_path, progress=False)  # a resume could still use it: never wiped silently
+    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["epoch"] == 7
+    train(cfg, tmp_path, overwrite=True, progress=False)
     assert not (tmp_path / "checkpoint.prev.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "log.jsonl", "checkpoint.pt", "checkpoint.prev.pt", "tensorboard",
+                                  "eval", "eval-recalibrated"])
+def test_a_folder_with_any_run_file_is_refused_without_resume_or_overwrite(tmp_path, capsys, name):
+    run = tmp_path / "run"
+    (run / name).parent.mkdir(parents=True)
+    if "." in name:
+        (run / name).write_bytes(b"x")
+    else:
+        (run / name / "inner").mkdir(parents=True)
+    code = main(["train", "quickstart", "--out", str(run), "--quiet"])
+    err = one_line(capsys.readouterr().err)
+    assert code == 2 and f"{run} already holds a run ({name}); pass --resume" in err and "--overwrite" in err
+    assert sorted(p.name for p in run.iterdir()) == [name]
+
+
+def test_overwrite_clears_the_old_run_and_its_evaluations(tmp_path, capsys, shared_data, one_thread):
+    run = tmp_path / "run"
+    for folder in ("eval", "eval-recalibrated", "tensorboard"):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "eval.json").write_text("{}")
+    save_state(run / "checkpoint.prev.pt", small_config(shared_data), 7)
+    (run / "notes.txt").write_text("mine")  # not a run file: kept
+    args = ["train", "quickstart", "model=lenet5", "train_subset=200", "test_subset=100", "epochs=1",
+            "--data-root", str(shared_data), "--out", str(run), "--no-eval", "--quiet"]
+    assert main([*args, "--resume", "--overwrite"]) == 2
+    assert "pass one of them" in one_line(capsys.readouterr().err)
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.yaml", "log.jsonl", "notes.txt"]
+    assert main(args) == 2  # now this run's files are there
+    assert "already holds a run (config.yaml, log.jsonl, checkpoint.pt)" in capsys.readouterr().err
+
+
+def test_a_folder_with_other_files_only_is_a_new_run(tmp_path, shared_data, one_thread):
+    (tmp_path / "README").write_text("my notes")
+    train(small_config(shared_data), tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "README").read_text() == "my notes"
 
 
 # ----------------------------------------------------------------------------------------------

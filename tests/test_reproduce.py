@@ -114,3 +114,13 @@ def test_every_run_key_of_the_running_experiments_survives_amp_auto():
 
     assert digest(plan(["map"], "cpu", 2)) == "0708c9c7a13cb052"
     assert digest(plan(["table2"], "mid")) == "d471e995ee584e8b"
+
+
+def test_quickstart_trade_summary_names_each_difference():
+    from asbnn.experiments.quickstart import trade_summary
+
+    vi = {"sampled": {"lowest": 0.80, "std": 0.010}, "ensemble": {"accuracy": 0.85, "nll": 0.40}}
+    adv = {"sampled": {"lowest": 0.82, "std": 0.004}, "ensemble": {"accuracy": 0.84, "nll": 0.45}}
+    line = trade_summary(vi, adv, 10.0, 70.0)
+    assert "lowest sampled model +2.00 points" in line and "-0.60" in line and "ensemble -1.00" in line
+    assert "+0.050 nats" in line and "7.0x the training time" in line

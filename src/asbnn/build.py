@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,27 +25,43 @@ def subset(data: ArrayDataset, n: int | None) -> ArrayDataset:
 
 @dataclass
 class RunData:
-    info: DatasetInfo
+    info: DatasetInfo  # with the training split's class names: a checkpoint keeps it (`load_run`)
     train: DeviceLoader
     test: DeviceLoader
 
 
 def build_data(cfg: TrainConfig, device: torch.device) -> RunData:
     """The training loader (shuffled, augmented per the data set or `augment`) and the test loader."""
-    info = dataset_info(cfg.dataset)
     train = subset(load_dataset(cfg.dataset, "train", cfg.data_root), cfg.train_subset)
-    test = subset(load_dataset(cfg.dataset, "test", cfg.data_root), cfg.test_subset)
-    if test.classes != train.classes:  # labels are class indices: the two lists must agree exactly
-        extra = sorted(set(test.classes) - set(train.classes)) or sorted(set(train.classes) - set(test.classes))
-        raise DataError(f"the test and training splits of {cfg.dataset} have different classes "
-                        f"(e.g. {', '.join(extra[:3]) or 'a different order'}); labels would not match")
+    info = replace(dataset_info(cfg.dataset), classes=tuple(train.classes))
     augment = info.augment if cfg.augment is None else cfg.augment
     return RunData(
         info=info,
         train=DeviceLoader(train, cfg.batch_size, train=True, augment=augment, mean=info.mean, std=info.std,
                            device=device, channels_last=cfg.channels_last),
-        test=eval_loader(test, info.mean, info.std, device=device, channels_last=cfg.channels_last),
+        test=build_test_loader(cfg, info, device),
     )
+
+
+def build_test_loader(cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> DeviceLoader:
+    """The test split of `cfg.dataset`, checked to fit a network trained on `info` (the training split's
+    classes in the same order, images of its size), normalised as in training."""
+    test = subset(load_dataset(cfg.dataset, "test", cfg.data_root), cfg.test_subset)
+    classes = list(info.classes) if info.classes is not None else test.classes  # old checkpoints do not say
+    if test.classes != classes:  # labels are class indices: the two lists must agree exactly
+        extra = sorted(set(test.classes) - set(classes)) or sorted(set(classes) - set(test.classes))
+        raise DataError(f"the test and training splits of {cfg.dataset} have different classes "
+                        f"(e.g. {', '.join(extra[:3]) or 'a different order'}); labels would not match")
+    check_images(cfg.dataset, test, info)
+    return eval_loader(test, info.mean, info.std, device=device, channels_last=cfg.channels_last)
+
+
+def check_images(name: str, data: ArrayDataset, info: DatasetInfo) -> None:
+    """Refuse images of another size or channel count than the network `info` describes was trained on."""
+    _, height, width, channels = data.images.shape
+    if (height, width, channels) != (info.image_size, info.image_size, info.channels):
+        raise DataError(f"{name} has {channels}x{width}x{height}px images, the model expects "
+                        f"{info.channels}x{info.image_size}x{info.image_size}px")
 
 
 def build_network(cfg: TrainConfig, info: DatasetInfo, init_weights: dict[str, Tensor] | None = None) -> nn.Module:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from .adversarial import ASConfig
-from .data import list_datasets
+from .data import list_datasets, looks_like_path
 from .errors import ConfigError, first_line
 from .fileio import atomic_write_text
 from .models import list_models
@@ -183,14 +183,6 @@ def _as_float(value: Any) -> float | None:
         return None
 
 
-def _path_exists(name: str) -> bool:
-    """Whether `name` names an existing path; a name no file system accepts (too long, a NUL) does not."""
-    try:
-        return Path(name).exists()
-    except (OSError, ValueError):
-        return False
-
-
 def validate(cfg: TrainConfig) -> None:
     """Type-check every field and check ranges; raises ConfigError with one clear line."""
     for name, hint in _field_types().items():
@@ -214,7 +206,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"lr_milestones must be increasing positive epochs, got {cfg.lr_milestones}")
     if cfg.model not in list_models():
         raise ConfigError(f"unknown model {cfg.model!r}; valid: {', '.join(list_models())}")
-    if cfg.dataset not in list_datasets() and not _path_exists(cfg.dataset):
+    # a path need not exist: a trained run keeps its config after its data moves (`eval --data`)
+    if cfg.dataset not in list_datasets() and not looks_like_path(cfg.dataset):
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(list_datasets())}, "
                           "or the path of an image folder / .tar.gz")
     if cfg.method == "mc_dropout" and not 0 < cfg.dropout < 1:
@@ -242,12 +235,32 @@ def changed_keys(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return unknown + [key for key, value in current.items() if key not in RESUMABLE_CHANGES and stored[key] != value]
 
 
+#: The paper's symbols for its settings, so that `lambda=0.5` or `as_alpha=0.01` finds its key.
+PAPER_SYMBOLS = {"as_lambda": "lambda", "as_step_size": "alpha", "as_steps": "N", "prior_sigma": "sigma0",
+                 "kl_weight": "beta"}
+_SYMBOL_SPELLINGS = {"lambda": "as_lambda", "lam": "as_lambda", "λ": "as_lambda", "alpha": "as_step_size",
+                     "α": "as_step_size", "n": "as_steps", "sigma0": "prior_sigma", "sigma_0": "prior_sigma",
+                     "σ0": "prior_sigma", "beta": "kl_weight", "β": "kl_weight"}
+
+
+def suggest_key(key: str) -> str | None:
+    """The key an unknown `key` most likely means: by the paper's symbol (with or without `as_`),
+    else by spelling; None when nothing is close (3-letter near misses like lam/amp are not)."""
+    bare = key.strip().lower().removeprefix("as_")
+    if bare in _SYMBOL_SPELLINGS:
+        return _SYMBOL_SPELLINGS[bare]
+    spellings = {n: n for n in _field_types()} | {n.removeprefix("as_"): n for n in _field_types()}
+    close = difflib.get_close_matches(bare, list(spellings), n=1, cutoff=0.7)
+    return spellings[close[0]] if close else None
+
+
 def _check_keys(values: dict[str, Any], source: str) -> None:
     names = list(_field_types())
     for key in values:
         if not isinstance(key, str) or key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            close = suggest_key(str(key))
+            symbol = f" (the paper's {PAPER_SYMBOLS[close]})" if close in PAPER_SYMBOLS else ""
+            hint = f"; did you mean '{close}'{symbol}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
 
 
@@ -276,9 +289,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file {path} is not UTF-8 text: {err}") from None
     try:
-        values = yaml.safe_load(text) or {}
+        values = yaml.safe_load(text)
     except Exception as err:  # PyYAML's constructors fail in many ways: `!!float` alone, a date 2001-13-01, ...
         raise ConfigError(f"config file {path} is not valid YAML: {first_line(err)}") from None
+    if values is None or values == {}:  # all defaults would be days of ResNet-20 on CIFAR-10: surely a mistake
+        raise ConfigError(f"config file {path} is empty (or only comments); write the settings of the run "
+                          "in it, or start from a shipped config (e.g. asbnn train quickstart)")
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value")
     return values

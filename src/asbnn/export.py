@@ -61,6 +61,8 @@ def save_model(
         if config is not None or info is not None:
             raise ConfigError("config and info are read from the run itself; pass them only with a network")
         net, cfg, info = load_run(source)
+    if classes is None and info is not None:
+        classes = info.classes
     if classes is None and cfg is not None:
         classes = dataset_classes(cfg.dataset, cfg.data_root)
     if classes is not None and info is not None and len(classes) != info.num_classes:

@@ -63,7 +63,7 @@ def load_classifier(source: str | Path, device: str | torch.device = "cpu") -> C
         net = load_model(path, device=device)
     else:
         net, cfg, info = load_run(path, device)
-        classes = dataset_classes(cfg.dataset, cfg.data_root)
+        classes = info.classes or dataset_classes(cfg.dataset, cfg.data_root)  # older checkpoints: from the data
     return Classifier(net, info, classes or [str(label) for label in range(info.num_classes)])
 
 

@@ -19,13 +19,13 @@ from torch import Tensor
 
 from . import metrics, report
 from .bn_recalibration import Recalibration
-from .build import build_data, subset
+from .build import build_test_loader, check_images, subset
 from .calibration import calibrated_numbers, holdout_indices
 from .config import TrainConfig
-from .data import EVAL_BATCH, ArrayDataset, DatasetInfo, DeviceLoader, dataset_info, eval_loader, load_dataset
+from .data import EVAL_BATCH, ArrayDataset, DatasetInfo, DeviceLoader, eval_loader, load_dataset, looks_like_path
 from .dropout import MCDropout
 from .ensembles import check_members, ensemble_predictions
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .evaluate import Mode, Predictions, choose_mode, ood_summary, sampled_predictions, summarize, timed
 from .fileio import atomic_write_text, read_jsonl
 from .hardware import Workload, choose_precision, resolve_device
@@ -39,6 +39,7 @@ def evaluate_run(
     seed: int = 0,
     *,
     ood: list[str] | None = None,
+    data: str | None = None,
     data_root: str | None = None,
     out: str | Path | None = None,
     mode: Mode | Literal["auto"] = "auto",
@@ -54,6 +55,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run folder: `eval.json` with every number, `eval.md` and plots in RUN/eval.
 
+    `data` is where the run's data set is now, if it moved (the network, classes and normalisation
+    come from the checkpoint, not from the data).
     `amp` asks for the fast evaluation: bf16 forward passes where `hardware.choose_precision`
     measures that they pay (as a training run with `amp: auto`), BatchNorm folded into the
     convolutions and NHWC batches (`evaluate`); 4-6x faster on an AMX CPU, metrics within about 0.1
@@ -72,8 +75,7 @@ def evaluate_run(
     if cfg.method == "mc_dropout":
         net = MCDropout(net)
     fast, amp = amp, eval_in_bf16(dev, amp, cfg, info, net, channels_last=True)  # NHWC: as the fast evaluation runs
-    if data_root is not None:
-        cfg.data_root = data_root
+    locate_data(cfg, data, data_root)
     run_dir = checkpoint_path(run).parent
     recal = Recalibration() if bn_recalibrate is True else bn_recalibrate or None
     out = Path(out) if out else run_dir / ("eval-recalibrated" if recal else "eval")
@@ -107,6 +109,7 @@ def evaluate_ensemble(
     out: str | Path | None = None,
     seed: int = 0,
     ood: list[str] | None = None,
+    data: str | None = None,
     data_root: str | None = None,
     save_probs: bool = False,
     device: str = "auto",
@@ -127,8 +130,7 @@ def evaluate_ensemble(
     check_members(cfgs, names)
     cfg, info = cfgs[0], loaded[0][2]
     amp = eval_in_bf16(dev, amp, cfg, info, nets[0], channels_last=cfg.channels_last)
-    if data_root is not None:
-        cfg.data_root = data_root
+    locate_data(cfg, data, data_root)
     out_dir = Path(out) if out else Path("runs") / f"ensemble-{cfg.dataset}-{cfg.model}-x{len(runs)}"
 
     def predict(loader: DeviceLoader, k: int = len(nets), keep_probs: bool = False) -> Predictions:
@@ -159,15 +161,16 @@ def _evaluate(predict: Callable[..., Predictions], head: dict[str, Any], cfg: Tr
     given `predict(loader, k=K, keep_probs=False)`, the networks' Predictions on a loader."""
     if shift and (shift_samples <= 0 or shift_subset <= 0):
         raise ConfigError(f"--shift-samples and --shift-subset must be > 0, got {shift_samples} and {shift_subset}")
+    test = build_test_loader(cfg, info, dev)
+    ood_loaders = {name: _ood_loader(name, cfg, info, dev) for name in ood or []}  # all read before any work
     out.mkdir(parents=True, exist_ok=True)
-    data = build_data(cfg, dev)
-    pred, seconds = timed(lambda: predict(data.test, keep_probs=save_probs))
+    pred, seconds = timed(lambda: predict(test, keep_probs=save_probs))
     result = {**head, **summarize(pred),
               "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": precision}}
     kept: dict[str, Predictions] = {"probs": pred}
     ood_scores = {}
-    for name in ood or []:
-        ood_pred = predict(_ood_loader(name, cfg, info, dev), keep_probs=save_probs)
+    for name, loader in ood_loaders.items():
+        ood_pred = predict(loader, keep_probs=save_probs)
         result.setdefault("ood", {})[name] = ood_summary(pred, ood_pred)
         ood_scores[name] = {s: (getattr(pred, s).cpu(), getattr(ood_pred, s).cpu()) for s in ("total", "epistemic")}
         kept[f"ood-{name}"] = ood_pred
@@ -214,13 +217,23 @@ def _evaluate(predict: Callable[..., Predictions], head: dict[str, Any], cfg: Tr
     return result
 
 
+def locate_data(cfg: TrainConfig, data: str | None, data_root: str | None) -> None:
+    """Point a trained run's `cfg` at where its data is now: `data` for a data set that moved,
+    `data_root` for the folder of the registered ones."""
+    if data_root is not None:
+        cfg.data_root = data_root
+    if data is not None:
+        cfg.dataset = data
+    elif looks_like_path(cfg.dataset) and not Path(cfg.dataset).expanduser().exists():
+        raise DataError(f"{cfg.dataset}, the data set this run was trained on, is not there any more; "
+                        "pass where it is now with --data PATH")
+
+
 def _ood_loader(name: str, cfg: TrainConfig, info: DatasetInfo, dev: torch.device) -> DeviceLoader:
-    """The test split of OOD set `name` (labels are placeholders: only uncertainty scores are used)."""
-    ood_info = dataset_info(name)
-    if (ood_info.channels, ood_info.image_size) != (info.channels, info.image_size):
-        raise ConfigError(f"OOD set {name} has {ood_info.channels}x{ood_info.image_size}px images, "
-                          f"the model expects {info.channels}x{info.image_size}px")
+    """The test split of OOD set `name`, its training split never read (labels are placeholders:
+    only uncertainty scores are used)."""
     ood_data = subset(load_dataset(name, "test", cfg.data_root), cfg.test_subset)
+    check_images(f"OOD set {name}", ood_data, info)
     ood_data = ArrayDataset(ood_data.images, np.zeros_like(ood_data.labels), ood_data.classes)
     return eval_loader(ood_data, info.mean, info.std, device=dev, channels_last=cfg.channels_last)
 

@@ -5,16 +5,22 @@
     checkpoint.pt        written atomically after every epoch
     checkpoint.prev.pt   the one before, which a resume falls back to when checkpoint.pt is damaged
     tensorboard/         event files, with `tensorboard: true`
+    eval/, eval-recalibrated/   what `evaluate_run` writes
+
+A new run refuses a folder holding any of these (they are another run's), unless asked to
+replace them.
 
 Checkpoints load with `weights_only=True`, so a crafted pickle cannot execute code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -38,6 +44,8 @@ CONFIG = "config.yaml"
 LOG = "log.jsonl"
 CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = previous_path(CHECKPOINT).name
+#: Everything a run writes into its folder.
+RUN_FILES = (CONFIG, LOG, CHECKPOINT, PREV_CHECKPOINT, "tensorboard", "eval", "eval-recalibrated")
 _STATE_KEYS = ("kind", "config", "epoch", "net", "optimizer")
 
 
@@ -89,14 +97,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 # ---------------------------------------------------------------- what a training checkpoint holds
 
 
-def checkpoint_state(cfg: TrainConfig, epoch: int, precision: str, net: nn.Module,
+def checkpoint_state(cfg: TrainConfig, info: DatasetInfo, epoch: int, precision: str, net: nn.Module,
                      optimizer: torch.optim.Optimizer, sampler_state: dict[str, Any] | None) -> dict[str, Any]:
-    """The checkpoint of a run after `epoch` epochs: everything a resume needs to go on exactly."""
+    """The checkpoint of a run after `epoch` epochs: everything a resume needs to go on exactly, and
+    the data set's description (`info`, with its classes), so that the run predicts and evaluates
+    without reading its training set again, even once that has moved."""
     return {
         "kind": "posterior" if cfg.bayesian else "deterministic",
-        "config": cfg.to_dict(), "epoch": epoch, "precision": precision,
+        "config": cfg.to_dict(), "epoch": epoch, "precision": precision, "data": dataclasses.asdict(info),
         "net": net.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler_state,
     }
+
+
+def stored_info(state: dict[str, Any], path: Path) -> DatasetInfo | None:
+    """The data set description a checkpoint holds; None for one written before they held it."""
+    data = state.get("data")
+    if data is None:
+        return None
+    try:
+        info = DatasetInfo(**data)
+        return dataclasses.replace(info, mean=tuple(info.mean), std=tuple(info.std),
+                                   classes=None if info.classes is None else tuple(info.classes))
+    except TypeError:
+        raise DamagedCheckpoint(f"{path} is not an asbnn training checkpoint (bad 'data' entry)") from None
 
 
 def checkpoint_path(run: str | Path) -> Path:
@@ -136,14 +159,17 @@ def deterministic_weights(source: str | Path, model_name: str) -> dict[str, Tens
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, DatasetInfo]:
-    """Rebuild the trained network of a run folder or checkpoint file, in eval mode."""
+    """Rebuild the trained network of a run folder or checkpoint file, in eval mode.
+
+    The data set's description comes from the checkpoint; one written before checkpoints held it
+    reads the data set (all of it, for an image folder) to describe it again."""
     path = checkpoint_path(run)
     state = load_state(path, device)
     try:
         cfg = TrainConfig(**{**state["config"], "init_from": None})
     except TypeError as err:  # a key this version of TrainConfig does not know
         raise CheckpointError(f"{path} holds a config this version of asbnn cannot read ({err})") from None
-    info = dataset_info(cfg.dataset)
+    info = stored_info(state, path) or dataset_info(cfg.dataset)
     net = build_network(cfg, info).to(device)
     with restoring(path):
         net.load_state_dict(state["net"])
@@ -153,13 +179,20 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Mo
 # ---------------------------------------------------------------- starting and resuming a run
 
 
+def run_files(out: Path) -> list[str]:
+    """The names of the files and folders of a run in `out` (none for a new or empty folder)."""
+    return [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+
+
 def start_run(out: Path, cfg: TrainConfig) -> None:
-    """Make `out` the folder of a new run: its config, and no log or previous checkpoint of an older one."""
+    """Make `out` the folder of a new run: its config, and nothing of an older one (no log, evaluation
+    or previous checkpoint to fall back to); files that are not a run's stay."""
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
+        for name in run_files(out):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         save_yaml(cfg, out / CONFIG)
-        (out / LOG).unlink(missing_ok=True)
-        (out / PREV_CHECKPOINT).unlink(missing_ok=True)  # an earlier run's: never fall back to it
 
 
 def remove_leftovers(out: Path) -> None:

@@ -9,6 +9,7 @@ would have done.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from .hardware import (
     Precision, Workload, autocast, choose_precision, require_compiler, resolve_device, use_deterministic_kernels,
 )
 from .runfolder import (
-    CHECKPOINT, LOG, checkpoint_state, deterministic_weights, remove_leftovers, restoring, resume_state,
+    CHECKPOINT, LOG, checkpoint_state, deterministic_weights, remove_leftovers, restoring, resume_state, run_files,
     save_checkpoint, start_run, tensorboard_writer, truncate_log,
 )
 
@@ -40,17 +41,28 @@ class TrainingDiverged(AsbnnError):
     """The loss or the parameters became NaN or infinite."""
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train `cfg` into run folder `out`; with `resume`, continue from its last checkpoint."""
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> Path:
+    """Train `cfg` into run folder `out`; with `resume`, continue from its last checkpoint (if any).
+
+    A folder holding another run's files is refused, since a new run would delete what they hold
+    (a checkpoint a resume could still use, an evaluation of other weights), unless `overwrite`."""
     out = Path(out)
-    if (out / CHECKPOINT).exists() and not resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    found = run_files(out)
+    if found and not resume and not overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --out")
     ranks, device = distributed.setup(resolve_device(cfg.device))
     if cfg.compile:
         require_compiler(device)
     if cfg.deterministic:
         use_deterministic_kernels()
     progress = progress and ranks.is_main
+    # a bar on a terminal; elsewhere (a log file, CI, nohup) its carriage-return updates would pile up
+    # by the thousand, so one line per epoch instead
+    bar_shown = progress and on_terminal()
     if ranks.is_main:
         remove_leftovers(out)
     state = resume_state(out, cfg, device) if resume else None  # before the data: a bad checkpoint fails fast
@@ -93,7 +105,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         set_training_generator(net, noise)  # MC dropout's draws; a no-op for networks without dropout
         began = time.perf_counter()
         with tqdm(total=data.train.num_samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="img",
-                  disable=not progress, leave=False) as bar:
+                  disable=not bar_shown, leave=False) as bar:
             record = {"epoch": epoch + 1, "lr": lr, "precision": precision}
             record.update(train_epoch(step_net, cfg, data.train, optimizer, kl_weight, epoch + 1, bar=bar,
                                       batch_stream=batches, noise_stream=noise, sampler=sampler, ranks=ranks,
@@ -102,16 +114,23 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         if ranks.is_main:  # rank 0 alone evaluates, logs and checkpoints
             record.update(epoch_metrics(net, cfg, data.test, device, epoch))
             append_jsonl(out / LOG, record)
-            save_checkpoint(checkpoint_state(cfg, epoch + 1, precision, net, optimizer,
+            save_checkpoint(checkpoint_state(cfg, data.info, epoch + 1, precision, net, optimizer,
                                              sampler.state_dict() if sampler is not None else None), out / CHECKPOINT)
         barrier(ranks)
+        if progress and not bar_shown:
+            print(summary(record), flush=True)
         if writer is not None:
             log_tensorboard(writer, record, net if cfg.bayesian else None)
     if writer is not None:
         writer.close()
-    if progress and record is not None:
+    if bar_shown and record is not None:
         tqdm.write(summary(record))
     return out
+
+
+def on_terminal() -> bool:
+    """Whether progress bars are seen as bars (stderr is a terminal), not as a stream of updates."""
+    return sys.stderr.isatty()
 
 
 def train_epoch(

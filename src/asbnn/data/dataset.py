@@ -25,6 +25,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool  # random crop (pad 4) + horizontal flip suits CIFAR-like sets, not 28x28 digits
+    classes: tuple[str, ...] | None = None  # names by label, where known without reading the data
 
 
 @dataclass

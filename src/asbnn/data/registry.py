@@ -78,11 +78,20 @@ class _Entry:
     locate: Locator
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `name` means an image folder or archive (which need not be there now), not a registered name."""
+    if "/" in name or os.sep in name or name.startswith("~") or name.endswith(ARCHIVE_SUFFIXES):
+        return True
+    try:
+        return Path(name).exists()
+    except (OSError, ValueError):  # a name no file system takes (too long, a NUL)
+        return False
+
+
 def _folder_path(name: str) -> Path:
     """`name` as an image-folder path; a name that does not look like a path is an unknown data set."""
     path = Path(name).expanduser()
-    looks_like_path = "/" in name or os.sep in name or name.startswith("~") or name.endswith(ARCHIVE_SUFFIXES)
-    if not looks_like_path and not path.exists():
+    if not looks_like_path(name):
         raise ConfigError(f"unknown data set {name!r}; valid names: {', '.join(list_datasets())}, "
                           "or the path of an image folder or .tar.gz of one")
     if not path.exists():

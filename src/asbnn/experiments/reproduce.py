@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write_text, read_jsonl
 from ..posterior import Posterior
 from ..results import evaluate_run
-from ..runfolder import CHECKPOINT, LOG, load_run
+from ..runfolder import LOG, load_run
 from ..train import train
 from .reproduce_report import write_report
 
@@ -359,7 +359,7 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
         cfg = make_config(overrides=overrides)
         train_dir = folder / "run"
         began = time.perf_counter()
-        train(cfg, train_dir, resume=(train_dir / CHECKPOINT).exists(), progress=progress)
+        train(cfg, train_dir, resume=True, progress=progress)  # a killed worker's run goes on
         results = {protocol: evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
                                           ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
                    for protocol in exp.protocols}
