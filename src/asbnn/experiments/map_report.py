@@ -94,13 +94,16 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
         cells[_cell_key(r)][r["exp"].columns["method"]].append(r)
     out = []
     for key, by_method in sorted(cells.items()):
-        vi = by_method.get("vi", [])
         for method in ("as", "free"):
-            adv = by_method.get(method, [])
+            # compare seed with seed: only the seeds both methods have finished
+            seeds = ({r["exp"].columns["seed"] for r in by_method.get("vi", [])}
+                     & {r["exp"].columns["seed"] for r in by_method.get(method, [])})
+            vi = [r for r in by_method.get("vi", []) if r["exp"].columns["seed"] in seeds]
+            adv = [r for r in by_method.get(method, []) if r["exp"].columns["seed"] in seeds]
             if not vi or not adv:
                 continue
             row: dict[str, Any] = {"model": key[0], "schedule": key[1], "init_sigma": key[2], "method": method,
-                                   "label": adv[0]["exp"].columns["label"], "seeds": min(len(vi), len(adv))}
+                                   "label": adv[0]["exp"].columns["label"], "seeds": len(seeds)}
             for protocol in PROTOCOLS:
                 for name, path in (("lowest", ("sampled", "lowest")), ("mean", ("sampled", "mean")),
                                    ("ensemble", ("ensemble", "accuracy"))):
