@@ -119,8 +119,12 @@ def test_every_run_key_of_the_running_experiments_survives_amp_auto():
 def test_quickstart_trade_summary_names_each_difference():
     from asbnn.experiments.quickstart import trade_summary
 
-    vi = {"sampled": {"lowest": 0.80, "std": 0.010}, "ensemble": {"accuracy": 0.85, "nll": 0.40}}
-    adv = {"sampled": {"lowest": 0.82, "std": 0.004}, "ensemble": {"accuracy": 0.84, "nll": 0.45}}
+    vi = {"sampled": {"lowest": 0.80, "std": 0.010}, "ensemble": {"accuracy": 0.85, "nll": 0.40},
+          "config": {"method": "vi", "as_steps": 5, "as_variant": "standard"}}
+    adv = {"sampled": {"lowest": 0.82, "std": 0.004}, "ensemble": {"accuracy": 0.84, "nll": 0.45},
+           "config": {"method": "as", "as_steps": 5, "as_variant": "standard"}}
     line = trade_summary(vi, adv, 10.0, 70.0)
     assert "lowest sampled model +2.00 points" in line and "-0.60" in line and "ensemble -1.00" in line
-    assert "+0.050 nats" in line and "7.0x the training time" in line
+    assert "+0.050 nats" in line and "7x the forward-backward passes (70 s against 10 s" in line
+    free = {**adv, "config": {**adv["config"], "as_variant": "free"}}
+    assert "2x the forward-backward passes" in trade_summary(vi, free, 10.0, 20.0)
