@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .adversarial import RunningStats
 from .data import ArrayDataset
 from .errors import ConfigError
 
@@ -70,8 +71,8 @@ def recalibrated(net: nn.Module, eps: Tensor | Literal["mean"] | None, batches: 
     """
     model = getattr(net, "model", net)
     layers = batchnorms(model)
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-             for m in layers]
+    trained = RunningStats(model)
+    momenta = [m.momentum for m in layers]
     was_training = net.training
     try:
         for m in layers:
@@ -84,9 +85,7 @@ def recalibrated(net: nn.Module, eps: Tensor | Literal["mean"] | None, batches: 
         net.eval()
         yield
     finally:
-        for m, (momentum, mean, var, count) in zip(layers, saved):
+        trained.restore()
+        for m, momentum in zip(layers, momenta):
             m.momentum = momentum
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
         net.train(was_training)

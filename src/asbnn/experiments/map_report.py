@@ -119,18 +119,20 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
+def passes_per_step(config: dict[str, Any]) -> int:
+    """Forward-backward passes of one training step: VI 1, standard AS N + 2, free AS 2."""
+    if config["method"] != "as":
+        return 1
+    return 2 if config.get("as_variant") == "free" else config["as_steps"] + 2
+
+
 def training_passes(config: dict[str, Any]) -> float:
-    """Forward-backward passes a run's training cost: steps x passes per step (VI 1, standard AS
-    N + 2, free AS 2). Counted in passes, the cost holds on any hardware; NaN where the training
-    set size is not in the config."""
+    """Forward-backward passes a run's training cost: steps x passes per step. Counted in passes,
+    the cost holds on any hardware; NaN where the training set size is not in the config."""
     if config.get("train_subset") is None:
         return float("nan")
     steps = config["epochs"] * -(-config["train_subset"] // config["batch_size"])
-    if config["method"] != "as":
-        per_step = 1
-    else:
-        per_step = 2 if config.get("as_variant") == "free" else config["as_steps"] + 2
-    return float(steps * per_step)
+    return float(steps * passes_per_step(config))
 
 
 def _equal_compute(runs: list[dict], plots: Path) -> list[str]:

@@ -20,6 +20,7 @@ from ..results import compare_runs, evaluate_run
 from ..fileio import read_jsonl
 from ..runfolder import LOG
 from ..train import train
+from .map_report import passes_per_step
 
 QUICKSTART_CONFIG = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 
@@ -59,9 +60,3 @@ def trade_summary(vi: dict[str, Any], adv: dict[str, Any], vi_seconds: float, ad
             f"{passes_per_step(adv['config']) / passes_per_step(vi['config']):.0f}x the forward-backward passes "
             f"({adv_seconds:.0f} s against {vi_seconds:.0f} s of training here; one seed, see docs/results/map)")
 
-
-def passes_per_step(config: dict[str, Any]) -> int:
-    """Forward-backward passes of one training step: VI 1, standard AS N + 2, free AS 2."""
-    if config["method"] != "as":
-        return 1
-    return 2 if config.get("as_variant") == "free" else config["as_steps"] + 2
