@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from asbnn import metrics
 from asbnn.build import build_data, subset
@@ -15,9 +16,11 @@ from asbnn.config import make_config
 from asbnn.data import load_dataset
 from asbnn.data.corruptions import CORRUPTIONS
 from asbnn.dropout import MCDropout, dropout_hooks, set_training_generator
-from asbnn.errors import ConfigError
+from asbnn.errors import CheckpointError, ConfigError
+from asbnn.export import load_model, read_metadata, save_model
 from asbnn.evaluate import sampled_predictions
 from asbnn.models import create_model
+from asbnn.predict import load_classifier, predict_images
 from asbnn.results import compare_runs, evaluate_ensemble, evaluate_run
 from asbnn.runfolder import load_run
 from asbnn.train import train
@@ -95,10 +98,32 @@ def test_mc_dropout_run_is_evaluated_like_a_bayesian_one(runs, shared_data, tmp_
     assert 0.3 < result["sampled"]["lowest"] < result["sampled"]["highest"]  # chance is 0.1
     assert result["uncertainty"]["epistemic"] > 0 and "posterior_mean" in result
     net, cfg, _ = load_run(runs["mcd"])
-    plain = sampled_predictions(net, build_data(cfg, torch.device("cpu")).test)  # no masks: the mean network
+    assert isinstance(net, MCDropout)  # a run of method mc_dropout loads as a distribution over masks
+    plain = sampled_predictions(net.model, build_data(cfg, torch.device("cpu")).test)  # no masks: the mean network
     assert result["posterior_mean"]["accuracy"] == pytest.approx(float(metrics.accuracy(plain.ensemble_probs,
                                                                                         plain.labels)))
     assert "MC dropout (p 0.2) s0" in (tmp_path / "eval.md").read_text()
+
+
+def test_mc_dropout_run_predicts_and_exports_as_sampled_networks(runs, shared_data, tmp_path):
+    """`asbnn predict` and the .safetensors export see the masks, not only the mean network."""
+    test = load_dataset("fashion-mnist", "test", shared_data)
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(test.images[i, ..., 0]).save(files[-1])
+    from_run = predict_images(load_classifier(runs["mcd"]), files, num_samples=8, seed=3)
+    assert all(p.epistemic > 0 for p in from_run)  # masks disagree on every image
+    model_file = save_model(runs["mcd"], tmp_path / "mcd.safetensors")
+    loaded = load_model(model_file)
+    assert isinstance(loaded, MCDropout) and read_metadata(model_file)["dropout"] == 0.2
+    assert set(loaded.model.state_dict()) == set(create_model("lenet5", 10, 1).state_dict())  # plain keys
+    from_file = predict_images(load_classifier(model_file), files, num_samples=8, seed=3)
+    for a, b in zip(from_run, from_file):
+        assert [c for c, _ in a.top] == [c for c, _ in b.top]
+        assert a.epistemic == pytest.approx(b.epistemic, rel=1e-4, abs=1e-6)
+    with pytest.raises(CheckpointError, match="MC-dropout network"):
+        load_model(model_file, model=create_model("lenet5", 10, 1))  # a bare model without dropout layers
 
 
 # ---------------------------------------------------------------- deep ensembles

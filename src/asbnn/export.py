@@ -1,7 +1,8 @@
 """Trained networks as `.safetensors` files, for tools outside asbnn.
 
 A model file holds the state dict (for a posterior: the flat `mu` and `rho`, plus the wrapped
-model's deterministic parameters and buffers) and, in the safetensors metadata, everything needed
+model's deterministic parameters and buffers; for MC dropout: the plain model's, with the dropout
+rate in the metadata) and, in the safetensors metadata, everything needed
 to rebuild the network and feed it images: the training config, model and data set names, input
 size and normalisation, class names and which parameters are Bayesian. Safetensors holds only raw
 tensors and a JSON header, so loading a file from anywhere can never execute code, unlike a pickle.
@@ -24,6 +25,7 @@ from torch import nn
 from . import __version__
 from .config import TrainConfig
 from .data import DatasetInfo, dataset_classes, dataset_info
+from .dropout import MCDropout, dropout_hooks
 from .errors import CheckpointError, ConfigError, first_line
 from .fileio import atomic_write_bytes
 from .models import create_model
@@ -68,8 +70,8 @@ def save_model(
     if classes is not None and info is not None and len(classes) != info.num_classes:
         raise ConfigError(f"{len(classes)} class names given for {info.num_classes} classes")
 
-    meta: dict[str, Any] = {"format": "pt", "asbnn_format": FORMAT_VERSION, "asbnn_version": __version__,
-                            "kind": "posterior" if isinstance(net, Posterior) else "deterministic"}
+    kind = "posterior" if isinstance(net, Posterior) else "mc_dropout" if isinstance(net, MCDropout) else "deterministic"
+    meta: dict[str, Any] = {"format": "pt", "asbnn_format": FORMAT_VERSION, "asbnn_version": __version__, "kind": kind}
     if cfg is not None:
         meta.update(config=cfg.to_dict(), model=cfg.model)
     if info is not None:
@@ -79,6 +81,9 @@ def save_model(
         meta["classes"] = list(classes)
     if isinstance(net, Posterior):
         meta.update(posterior_config=dataclasses.asdict(net.config), bayesian_names=net.names)
+    if isinstance(net, MCDropout):  # the plain model's tensors (its weight-scaling network) and the rate
+        meta["dropout"] = net.hooks[0].p
+        net = net.model
     # safetensors stores dense, unshared tensors: copy each (tied weights come back untied)
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in net.state_dict().items()}
     path = Path(path)
@@ -102,7 +107,8 @@ def info_from_metadata(meta: dict[str, Any]) -> DatasetInfo | None:
 
 
 def load_model(path: str | Path, *, model: nn.Module | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network saved in `path`, in eval mode: a `Posterior` or the deterministic model.
+    """Rebuild the network saved in `path`, in eval mode: a `Posterior`, an `MCDropout` or the
+    deterministic model.
 
     `model` is a fresh instance of the bare architecture, needed for networks that are not in the
     model registry (it is then wrapped in the saved posterior). The caller's random state is kept.
@@ -120,6 +126,8 @@ def load_model(path: str | Path, *, model: nn.Module | None = None, device: str 
         net.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path} does not fit the network: {first_line(err)}") from None
+    if meta["kind"] == "mc_dropout":
+        net = MCDropout(net)
     return net.to(device).eval()
 
 
@@ -128,8 +136,12 @@ def _build(meta: dict[str, Any], model: nn.Module | None, path: Path) -> nn.Modu
         if "model" not in meta:
             raise CheckpointError(f"{path} holds a network outside the model registry; "
                                   "load it in Python with load_model(path, model=YourNet())")
-        model = create_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["channels"])
-    if meta["kind"] == "deterministic":
+        model = create_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["channels"],
+                             dropout=meta.get("dropout", 0.0))
+    elif meta["kind"] == "mc_dropout" and not dropout_hooks(model):
+        raise CheckpointError(f"{path} holds an MC-dropout network: pass a model with dropout layers "
+                              f"(asbnn.dropout.add_dropout(model, {meta['dropout']}))")
+    if meta["kind"] in ("deterministic", "mc_dropout"):
         return model
     names = meta["bayesian_names"]
     # The saved names say which parameters are Bayesian, whatever selection chose them.

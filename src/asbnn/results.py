@@ -23,7 +23,6 @@ from .build import build_test_loader, check_images, subset
 from .calibration import calibrated_numbers, holdout_indices
 from .config import TrainConfig
 from .data import EVAL_BATCH, ArrayDataset, DatasetInfo, DeviceLoader, eval_loader, load_dataset, looks_like_path
-from .dropout import MCDropout
 from .ensembles import check_members, ensemble_predictions
 from .errors import ConfigError, DataError
 from .evaluate import Mode, Predictions, choose_mode, ood_summary, sampled_predictions, summarize, timed
@@ -72,8 +71,6 @@ def evaluate_run(
         raise ConfigError(f"--samples must be > 0, got {num_samples}")
     dev = resolve_device(device)
     net, cfg, info = load_run(run, dev)
-    if cfg.method == "mc_dropout":
-        net = MCDropout(net)
     fast, amp = amp, eval_in_bf16(dev, amp, cfg, info, net, channels_last=True)  # NHWC: as the fast evaluation runs
     locate_data(cfg, data, data_root)
     run_dir = checkpoint_path(run).parent

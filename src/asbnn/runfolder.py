@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .build import build_network
 from .config import TrainConfig, changed_keys, save_yaml
 from .data import DatasetInfo, dataset_info
+from .dropout import MCDropout
 from .errors import CheckpointError, ConfigError, first_line
 from .fileio import (
     atomic_write_bytes, atomic_write_text, previous_path, read_jsonl, remove_stale_temps, restore_from, writing,
@@ -159,7 +160,8 @@ def deterministic_weights(source: str | Path, model_name: str) -> dict[str, Tens
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig, DatasetInfo]:
-    """Rebuild the trained network of a run folder or checkpoint file, in eval mode.
+    """Rebuild the trained network of a run folder or checkpoint file, in eval mode: a `Posterior`,
+    an `MCDropout` (a distribution over dropout masks) or the deterministic model.
 
     The data set's description comes from the checkpoint; one written before checkpoints held it
     reads the data set (all of it, for an image folder) to describe it again."""
@@ -173,6 +175,8 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Mo
     net = build_network(cfg, info).to(device)
     with restoring(path):
         net.load_state_dict(state["net"])
+    if cfg.method == "mc_dropout":  # evaluated, predicted and exported as sampled networks
+        net = MCDropout(net)
     return net.eval(), cfg, info
 
 
