@@ -180,3 +180,15 @@ def test_mean_std():
     assert report.mean_std(torch.tensor([0.5, 0.5]), scale=100) == "50.00 ± 0.00"
     with pytest.raises(ConfigError):
         report.mean_std([])
+
+
+def test_scatter_panels_with_companion_lines_and_a_legend_beside_many_lines(tmp_path):
+    """A companion is drawn dashed in its partner's colour, also where the partner is missing from a
+    panel; with more labels than fit inside a panel, the legend goes beside the panels."""
+    cost = [1000.0, 2000.0, 7000.0]
+    cells = {f"cell {i}": (cost, list(RNG.uniform(60, 85, 3))) for i in range(4)}
+    longer = {f"cell {i}, longer": (cost, list(RNG.uniform(60, 85, 3))) for i in range(4)}
+    panels = {"running": {**cells, **longer}, "recalibrated": {"cell 0, longer": (cost, [70.0, 71.0, 72.0])}}
+    path = report.plot_scatter_panels(panels, "cost", "lowest (%)", tmp_path / "cost.png", connect=True, log_x=True,
+                                      companions={f"cell {i}, longer": f"cell {i}" for i in range(4)})
+    assert_real_png(path)

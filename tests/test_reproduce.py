@@ -1,5 +1,6 @@
 """`asbnn reproduce` at the smoke scale: the whole pipeline, resumability and shared work."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -64,12 +65,13 @@ def test_bad_reproduce_arguments(tmp_path):
 
 @pytest.mark.slow  # trains and evaluates every smoke-scale map run
 def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, tmp_path):
-    experiments = plan(["map"], "smoke")
     grid = SCALES["smoke"].regime_map
+    experiments = [e for e in plan(["map"], "smoke") if e.columns["method"] in grid.methods]  # the cells' own
     assert len(experiments) == len(grid.models) * len(grid.init_sigmas) * len(grid.schedules) * len(grid.methods)
     assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in experiments)
     assert [e.columns["method"] for e in experiments[:2]] == ["vi", "vi"]  # every cell's VI first
-    assert [e.columns["method"] for e in plan(["map"], "smoke", seeds=2)][-1] == "free"  # free AS after all seeds
+    own = [e.columns["method"] for e in plan(["map"], "smoke", seeds=2) if e.columns["method"] in grid.methods]
+    assert own[-1] == "free"  # free AS after all seeds
     assert not any("map" in e.tables for e in plan(["all"], "smoke"))  # all = the paper's tables
     exp = next(e for e in experiments if e.columns["method"] == "free" and e.columns["model"] == "allconv")
     assert exp.overrides["as_variant"] == "free" and exp.overrides["method"] == "as"
@@ -112,7 +114,8 @@ def test_every_run_key_of_the_running_experiments_survives_amp_auto():
     def digest(experiments):
         return hashlib.sha256(json.dumps(sorted(e.key for e in experiments)).encode()).hexdigest()[:16]
 
-    assert digest(plan(["map"], "cpu", 2)) == "0708c9c7a13cb052"
+    map_runs = [e for e in plan(["map"], "cpu", 2) if e.columns["method"] in ("vi", "as", "free")]
+    assert len(map_runs) == 24 and digest(map_runs) == "0708c9c7a13cb052"  # the equal-compute arms came later
     assert digest(plan(["table2"], "mid")) == "d471e995ee584e8b"
 
 
@@ -128,3 +131,54 @@ def test_quickstart_trade_summary_names_each_difference():
     assert "+0.050 nats" in line and "7x the forward-backward passes (70 s against 10 s" in line
     free = {**adv, "config": {**adv["config"], "as_variant": "free"}}
     assert "2x the forward-backward passes" in trade_summary(vi, free, 10.0, 20.0)
+
+
+def test_equal_compute_arms_come_after_the_map_and_build_on_their_members():
+    grid = SCALES["smoke"].regime_map
+    experiments = plan(["map"], "smoke")
+    methods = [e.columns["method"] for e in experiments]
+    arms = ("deterministic", "ensemble", "vi-longer")
+    first_arm = min(methods.index(m) for m in arms)
+    assert set(methods[:first_arm]) == set(grid.methods) and set(methods[first_arm:]) == set(arms)
+    assert methods[first_arm:] == sorted(methods[first_arm:], key=arms.index)  # members, ensembles, VI longer
+    dets = [e for e in experiments if e.columns["method"] == "deterministic"]
+    assert len(dets) == grid.ensemble_members * len(grid.models) * len(grid.schedules)  # no init sigma
+    assert all(e.overrides["method"] == "deterministic" and e.protocols == ("running",) for e in dets)
+    for model in grid.models:
+        members = [e for e in dets if e.columns["model"] == model]
+        assert [e.overrides["seed"] for e in members] == list(range(grid.ensemble_members))
+        ensembles = [e for e in experiments if e.columns["method"] == "ensemble" and e.columns["model"] == model]
+        assert [len(e.members) for e in ensembles] == list(range(2, grid.ensemble_members + 1))
+        assert all(e.members == tuple(members[:len(e.members)]) and e.ood == grid.ood for e in ensembles)
+    longer = [e for e in experiments if e.columns["method"] == "vi-longer"]
+    assert len(longer) == (len(grid.longer_epochs) * len(grid.models) * len(grid.schedules) * len(grid.init_sigmas)
+                           * grid.longer_seeds)
+    assert all(e.overrides["method"] == "vi" and e.protocols == ("running", "recalibrated") for e in longer)
+    assert {(e.overrides["epochs"], tuple(e.overrides["lr_milestones"])) for e in longer} == {(4, (2, 3, 4))}
+    assert len({e.key for e in experiments}) == len(experiments)
+
+
+def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
+    """The arms default to nothing; the cpu map adds 7 members x 2 models, 6 ensembles x 2, 2 x 4 VI runs."""
+    smoke = SCALES["smoke"]
+    before = [(e.name, e.key) for e in plan(["map"], "smoke") if e.columns["method"] in ("vi", "as", "free")]
+    bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=())
+    monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
+    assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
+    assert len(plan(["map"], "cpu", 2)) == 24 + 14 + 12 + 8
+
+
+def test_vi_trained_longer_must_be_longer():
+    with pytest.raises(ConfigError, match="longer_epochs"):
+        dataclasses.replace(SCALES["smoke"].regime_map, longer_epochs=(2,))
+
+
+def test_training_cost_counts_a_deterministic_step_as_one_pass_and_an_ensemble_as_its_members():
+    from asbnn.experiments.map_report import _cost, passes_per_step, training_passes
+
+    config = {"method": "deterministic", "epochs": 5, "train_subset": 20000, "batch_size": 100, "as_steps": 5}
+    assert passes_per_step(config) == 1 and training_passes(config) == 1000
+    exp = next(e for e in plan(["map"], "smoke") if e.columns["method"] == "ensemble")
+    ensemble = {"exp": exp, "evals": {"running": {"method": "deep_ensemble", "members": ["a", "b", "c"],
+                                                  "config": config}}}
+    assert _cost(ensemble) == 3000

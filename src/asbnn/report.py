@@ -52,6 +52,7 @@ _STYLE = {
     "legend.frameon": False,
     "lines.linewidth": 1.5,
 }
+LEGEND_INSIDE_MAX = 6  # labels a legend may have inside a panel of plot_scatter_panels
 _registry: dict[str, str] = {}  # label -> colour, for the whole process
 _NUMERIC_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?( ?± ?\d+\.?\d*)? ?%?$", re.IGNORECASE)
 
@@ -354,16 +355,20 @@ def plot_lambda_sweep(
 def plot_scatter_panels(
     panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], xlabel: str, ylabel: str,
     path: str | Path, *, zero_line: bool = False, connect: bool = False, log_x: bool = False,
+    companions: dict[str, str] | None = None,
 ) -> Path:
     """One panel per title (e.g. per evaluation protocol), one series per label.
 
     panels: title -> label -> (xs, ys). `zero_line` draws y = 0, for "gain against a predictor"
     plots where the sign of y (does the method help?) is what a reader looks for first;
-    `connect` joins each series' points in x order, for cost curves.
+    `connect` joins each series' points in x order, for cost curves. `companions` maps a label to
+    the label whose colour it takes, drawn dashed: a second line of the same subject (e.g. one
+    cell's VI trained longer beside that cell's methods), so related lines read as one colour.
     """
     _require(panels, "plot_scatter_panels")
+    companions = companions or {}
     labels = sorted({label for series in panels.values() for label in series})
-    colours = _colours(labels)
+    colours = _colours(sorted({companions.get(label, label) for label in labels}))
     fig = _figure(ncols=len(panels), width=4.0, height=3.1)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, series) in zip(axes, panels.items()):
@@ -374,12 +379,16 @@ def plot_scatter_panels(
             if x.size != y.size:
                 raise ConfigError(f"{label!r}: {x.size} x values for {y.size} y values")
             order = np.argsort(x, kind="stable")
-            ax.plot(x[order], y[order], color=colours[label], label=label, marker="o", markersize=4,
-                    linestyle="-" if connect else "none", linewidth=1.0)
+            line = ("--" if label in companions else "-") if connect else "none"
+            ax.plot(x[order], y[order], color=colours[companions.get(label, label)], label=label, marker="o",
+                    markersize=4, linestyle=line, linewidth=1.0)
         if log_x:
             ax.set_xscale("log")
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    axes[0].legend(loc="best")
+    if len(labels) > LEGEND_INSIDE_MAX:  # beside the panels: inside, it would hide the data
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper")
+    else:
+        axes[0].legend(loc="best")
     return _save(fig, path)
 
 

@@ -4,7 +4,9 @@ Each map cell (model, schedule, initial sigma) has a VI run and AS runs of the s
 section gives every cell's numbers under both evaluation protocols (BatchNorm running statistics,
 as the paper; statistics recalibrated for each sampled network), the gain of AS over VI per cell,
 and a plot of that gain against what VI's posterior looked like (the spread of its sampled
-accuracies, the width sigma / |mu| of its weights), to find what predicts the gain.
+accuracies, the width sigma / |mu| of its weights), to find what predicts the gain. Where the map
+has them, the other ways of spending AS's training cost stand beside the cells: deterministic
+networks and their deep ensembles (one set per model and schedule), and VI trained longer.
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ import numpy as np
 from .. import report
 
 PROTOCOLS = {"running": "running statistics", "recalibrated": "recalibrated per sample"}
-MAP_METHOD_ORDER = ("vi", "as", "free")
+MAP_METHOD_ORDER = ("vi", "as", "free", "vi-longer", "deterministic", "ensemble")  # the rows of a cell, in order
+NETWORKS = ("deterministic", "ensemble")  # deterministic networks: no initial sigma, running statistics only
 
 
 def _eval(run: dict[str, Any], protocol: str) -> dict[str, Any] | None:
+    """A run's evaluation under `protocol`. Deterministic networks (and their ensembles) are
+    evaluated with running statistics only, recalibration being for the sampled networks of a
+    posterior, so their running numbers stand in for both protocols."""
+    if run["exp"].columns["method"] in NETWORKS:
+        protocol = "running"
     return run["evals"].get(protocol)
 
 
@@ -30,8 +38,29 @@ def _pct(values: list[float]) -> str:
 
 
 def _cell_key(run: dict[str, Any]) -> tuple:
+    """(model, schedule, initial sigma); sigma None for deterministic networks, shared by every sigma."""
     c = run["exp"].columns
     return c["model"], c["schedule"], c["init_sigma"]
+
+
+def _row_key(run: dict[str, Any]) -> tuple:
+    """The cell-table row of a run: its cell, its method, and the ensemble's size or VI's epochs (else 0)."""
+    c = run["exp"].columns
+    return (*_cell_key(run), c["method"], c.get("members", c.get("epochs", 0)))
+
+
+def _row_order(key: tuple) -> tuple:
+    """Rows by model and schedule, then each sigma's methods, then the model's deterministic networks."""
+    model, schedule, sigma, method, size = key
+    return model, schedule, sigma is None, sigma or 0.0, MAP_METHOD_ORDER.index(method), size
+
+
+def _rows(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """Runs grouped by `_row_key`, in table order."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[_row_key(r)].append(r)
+    return sorted(groups.items(), key=lambda kv: _row_order(kv[0]))
 
 
 def _width(run: dict[str, Any]) -> float:
@@ -53,18 +82,14 @@ def _metric(runs: list[dict], protocol: str, path: tuple[str, ...]) -> list[floa
 
 def _cell_table(runs: list[dict], protocol: str) -> str:
     rows = []
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
-        groups[(*_cell_key(r), r["exp"].columns["method"])].append(r)
-    order = {m: i for i, m in enumerate(MAP_METHOD_ORDER)}
-    for (model, schedule, sigma, method), group in sorted(groups.items(), key=lambda kv: (*kv[0][:3], order[kv[0][3]])):
+    for (model, schedule, sigma, _, _), group in _rows(runs):
         widths = defaultdict(list)
         for r in group:
             for kind, w in r["meta"].get("posterior_width", {}).items():
                 widths[kind].append(w)
         ood = [v for r in group for v in _ood_auroc(r, protocol)]
         rows.append([
-            model, schedule, f"{sigma:g}", group[0]["exp"].columns["label"], len(group),
+            model, schedule, "–" if sigma is None else f"{sigma:g}", group[0]["exp"].columns["label"], len(group),
             _pct(_metric(group, protocol, ("sampled", "lowest"))),
             _pct(_metric(group, protocol, ("sampled", "highest"))),
             _pct(_metric(group, protocol, ("sampled", "mean"))),
@@ -91,7 +116,8 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
     VI's posterior looked like and what AS cost, averaged over the seeds both have."""
     cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        cells[_cell_key(r)][r["exp"].columns["method"]].append(r)
+        if r["exp"].columns["method"] in ("vi", "as", "free"):  # at the same epochs: VI trained longer is not VI
+            cells[_cell_key(r)][r["exp"].columns["method"]].append(r)
     out = []
     for key, by_method in sorted(cells.items()):
         for method in ("as", "free"):
@@ -135,34 +161,105 @@ def training_passes(config: dict[str, Any]) -> float:
     return float(steps * passes_per_step(config))
 
 
+def _cost(run: dict[str, Any]) -> float:
+    """A run's training cost in forward-backward passes (`training_passes`); a deep ensemble's is
+    its members' together, M x one member's. NaN where it has no evaluation to read the config from."""
+    result = _eval(run, "running")
+    if result is None:
+        return float("nan")
+    members = len(result["members"]) if result.get("method") == "deep_ensemble" else 1
+    return members * training_passes(result["config"])
+
+
+def _series_label(key: tuple) -> str:
+    """The cost-plot line a row belongs to: its cell's (VI, free AS, AS), the cell's VI trained
+    longer, or its model's deep ensembles (one deterministic network, then 2..M of them)."""
+    model, _, sigma, method, _ = key
+    if method in NETWORKS:
+        return f"{model}, deep ensemble"
+    return f"{model}, σ0 {sigma:g}" + (", VI longer" if method == "vi-longer" else "")
+
+
+def cost_series(runs: list[dict], protocol: str, path: tuple[str, ...],
+                scale: float) -> dict[str, tuple[list[float], list[float]]]:
+    """One panel of an equal-compute plot: per line (`_series_label`), the training cost (`_cost`)
+    and the mean over seeds of the metric at `path` (x `scale`) of each of its rows. A VI-longer
+    line starts at its cell's VI, the same recipe at the base epochs; the deterministic point is
+    the mean over all members."""
+    series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    vi_points: dict[str, tuple[float, float]] = {}
+    for key, group in _rows(runs):
+        values, cost = _metric(group, protocol, path), _cost(group[0])
+        if not values or not np.isfinite(cost):
+            continue
+        point = (cost, scale * float(np.mean(values)))
+        label = _series_label(key)
+        if key[3] == "vi":
+            vi_points[f"{label}, VI longer"] = point
+        series[label][0].append(point[0])
+        series[label][1].append(point[1])
+    for label, (xs, ys) in series.items():
+        if label in vi_points:
+            xs.insert(0, vi_points[label][0])
+            ys.insert(0, vi_points[label][1])
+    return dict(series)
+
+
 def _equal_compute(runs: list[dict], plots: Path) -> list[str]:
-    """Lowest sampled accuracy and ensemble NLL against training cost, per cell, under both protocols."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
-        groups[(*_cell_key(r), r["exp"].columns["method"])].append(r)
+    """Lowest sampled accuracy and ensemble NLL against training cost, per cell, under both
+    protocols, with the map's other ways of spending that cost where it has them."""
     figures = {"lowest": ("lowest sampled accuracy (%)", ("sampled", "lowest"), 100.0, "map_cost_lowest.png"),
                "nll": ("ensemble NLL (nats)", ("ensemble", "nll"), 1.0, "map_cost_nll.png")}
     lines = ["### Equal compute: quality against training cost", ""]
     for ylabel, path, scale, name in figures.values():
-        panels = {}
-        for protocol, title in PROTOCOLS.items():
-            series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-            for (model, schedule, sigma, method), group in sorted(groups.items()):
-                values = _metric(group, protocol, path)
-                cost = training_passes(_eval(group[0], "running")["config"]) if _eval(group[0], "running") else np.nan
-                if values and np.isfinite(cost):
-                    xs, ys = series[f"{model}, σ0 {sigma:g}"]
-                    xs.append(cost)
-                    ys.append(scale * float(np.mean(values)))
-            if series:
-                panels[f"BatchNorm {title}"] = dict(series)
+        panels = {f"BatchNorm {title}": series for protocol, title in PROTOCOLS.items()
+                  if (series := cost_series(runs, protocol, path, scale))}
         if panels:
+            companions = {label: label.removesuffix(", VI longer") for series in panels.values() for label in series
+                          if label.endswith(", VI longer")}
             report.plot_scatter_panels(panels, "training cost (forward-backward passes)", ylabel, plots / name,
-                                       connect=True, log_x=True)
+                                       connect=True, log_x=True, companions=companions)
             lines += [f"![{ylabel} against cost](plots/{name})", ""]
-    lines += ["Each line joins one cell's methods in order of cost: VI (1 pass a step), free AS (2), AS (N + 2 = 7). "
-              "Deep ensembles and VI trained longer at the same cost are not in this grid yet.", ""]
-    return lines
+    return lines + [_equal_compute_legend(runs), ""]
+
+
+def _equal_compute_legend(runs: list[dict]) -> str:
+    """What each line of the equal-compute plots is, naming only the arms that have finished runs."""
+    columns = [r["exp"].columns for r in runs]
+    text = ("Each solid line joins one cell's methods in order of cost: VI (1 pass a step), free AS (2), "
+            "AS (N + 2 = 7).")
+    base = {_eval(r, "running")["config"]["epochs"] for r in runs
+            if r["exp"].columns["method"] == "vi" and _eval(r, "running")}
+    longer = sorted({c["epochs"] for c in columns if c["method"] == "vi-longer"})
+    if longer:
+        ratios = f" ({', '.join(f'{e / min(base):g}x' for e in longer)} VI's passes)" if len(base) == 1 else ""
+        text += (" The dashed line of the same colour is that cell's VI trained longer, from its VI on to "
+                 f"{', '.join(map(str, longer))} epochs{ratios}.")
+    sizes = sorted({c["members"] for c in columns if c["method"] == "ensemble"})
+    if sizes or any(c["method"] == "deterministic" for c in columns):
+        text += (" Each model's deep-ensemble line (one per model, shared by its cells: a deterministic network "
+                 "has no initial sigma) starts at one deterministic network of the base recipe (mean over the "
+                 f"members) and goes on to ensembles of {', '.join(map(str, sizes)) or 'no'} members, at M x a "
+                 "member's passes (1 pass a step); its lowest sampled accuracy is the ensemble's weakest member. "
+                 "Deterministic networks are evaluated with BatchNorm running statistics only: the recalibrated "
+                 "panels repeat their running numbers.")
+    if not longer and not sizes:
+        text += " Deep ensembles and VI trained longer at the same cost have no finished runs here."
+    return text
+
+
+def _arm_rows_note(runs: list[dict]) -> str:
+    """What the rows of the equal-compute arms mean, for those that have finished runs."""
+    methods = {r["exp"].columns["method"] for r in runs}
+    text = ""
+    if methods & set(NETWORKS):
+        text += (" *deterministic*: one network of the base recipe per seed (seeds counts networks), the members "
+                 "of the deep ensembles; one set per model and schedule (no init σ). *deep ensemble (M)*: its first "
+                 "M networks; lowest / highest / mean / std over the M members, train s theirs together. Both are "
+                 "evaluated with running statistics only; the recalibrated table repeats those numbers.")
+    if "vi-longer" in methods:
+        text += " *VI, E epochs*: the cell's VI trained E epochs, lr milestones scaled to them."
+    return text
 
 
 def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
@@ -173,7 +270,7 @@ def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
             lines += [f"### Every cell, BatchNorm {title}", "", _cell_table(runs, protocol), ""]
     lines += ["Accuracies in %, mean ± std over seeds; std is the spread of the 100 sampled accuracies; OOD AUROC "
               "by total uncertainty; σ/|μ| is mean σ over mean |μ| per kind of weight at the end of training; "
-              "train s is the training time on the machine in the Runs table.", ""]
+              "train s is the training time on the machine in the Runs table." + _arm_rows_note(runs), ""]
     rows = gains(runs)
     if not rows:
         return lines + ["(no VI / AS pair of the map finished yet)"]

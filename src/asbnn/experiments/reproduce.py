@@ -20,7 +20,8 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import make_config
+from ..config import TrainConfig, make_config
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, read_jsonl
 from ..posterior import Posterior
-from ..results import evaluate_run
+from ..results import evaluate_ensemble, evaluate_run
 from ..runfolder import LOG, load_run
 from ..train import train
 from .reproduce_report import write_report
@@ -79,7 +80,16 @@ FACTOR_STUDY = (
 @dataclass(frozen=True)
 class RegimeMap:
     """The grid of the regime map: what decides how widely VI's sampled networks spread, and how
-    AS acts on them. Every run is evaluated under both BatchNorm protocols and against `ood`."""
+    AS acts on them. Every run is evaluated under both BatchNorm protocols and against `ood`.
+
+    Two arms put AS's extra training cost beside other ways of spending it (both off by default, so
+    a grid without them plans exactly the runs it planned before they existed):
+    `ensemble_members` deterministic networks per model and schedule (seeds 0..M-1, the base recipe;
+    a deterministic network has no initial sigma, so one set serves every sigma), evaluated alone
+    and as deep ensembles of their first 2..M members; and VI trained for each of `longer_epochs`
+    (`longer_seeds` seeds per cell), with the lr milestones scaled to the longer schedule.
+    Deterministic networks are evaluated with their running statistics only: recalibration is
+    for the sampled networks of a posterior."""
 
     dataset: str
     models: tuple[str, ...]
@@ -89,6 +99,15 @@ class RegimeMap:
     base: dict[str, Any] = field(default_factory=dict)
     ood: tuple[str, ...] = ()
     note: str = ""
+    ensemble_members: int = 0  # deterministic networks per model and schedule: deep ensembles of 2..M
+    longer_epochs: tuple[int, ...] = ()  # VI of every cell trained this many epochs (more than base's)
+    longer_seeds: int = 1
+
+    def __post_init__(self) -> None:
+        base_epochs = self.base.get("epochs", TrainConfig.epochs)
+        if any(e <= base_epochs for e in self.longer_epochs):
+            raise ConfigError(f"longer_epochs {self.longer_epochs} must exceed the base's {base_epochs} epochs: "
+                              "VI at the base's epochs is the map's own VI run")
 
 
 MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
@@ -130,7 +149,7 @@ SCALES: dict[str, Scale] = {
             "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.05,), schedules=("multistep",),
             base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=3, as_steps=2,
                       lr_milestones=_milestones(2)),
-            ood=("mnist",), note="seconds; for tests only"),
+            ood=("mnist",), ensemble_members=3, longer_epochs=(4,), note="seconds; for tests only"),
     ),
     "cpu": Scale(
         pairs=(("fashion-mnist", "lenet5"),),
@@ -146,9 +165,14 @@ SCALES: dict[str, Scale] = {
             # amp=True: the default before amp: auto, kept so that runs begun then keep their keys
             base=dict(epochs=5, train_subset=20000, test_subset=2000, lr_milestones=_milestones(5), amp=True),
             ood=("mnist",),
+            # at AS's cost: 7 deterministic networks (7 passes a step together), VI at 10 epochs (free AS's
+            # 2 passes a step for 5 epochs) and 35 (standard AS's N + 2 = 7)
+            ensemble_members=7, longer_epochs=(10, 35), longer_seeds=1,
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
-                 "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set"),
+                 "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set; "
+                 "at equal training cost beside them, deep ensembles of 2 to 7 deterministic networks of the same "
+                 "recipe (evaluated with running statistics) and VI trained 10 and 35 epochs (one seed)"),
     ),
     "mid": Scale(
         pairs=(("cifar10", "resnet20"),),
@@ -184,6 +208,7 @@ class Experiment:
     key: str = ""
     protocols: tuple[str, ...] = ("running",)  # BatchNorm protocols of its evaluation; "recalibrated" too
     ood: tuple[str, ...] = ()
+    members: tuple[Experiment, ...] = ()  # a deep ensemble of these runs' networks: evaluated, not trained
 
 
 #: Raised by hand whenever a change is meant to change results (what a run of a given config computes).
@@ -223,9 +248,10 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
 
     def add(table: str, name: str, overrides: dict[str, Any], columns: dict[str, Any],
             init_from: Experiment | None = None, base: dict[str, Any] | None = None,
-            protocols: tuple[str, ...] = ("running",), ood: tuple[str, ...] = ()) -> Experiment:
+            protocols: tuple[str, ...] = ("running",), ood: tuple[str, ...] = (),
+            members: tuple[Experiment, ...] = ()) -> Experiment:
         exp = Experiment(name, {**(scale.base if base is None else base), **overrides}, columns, init_from,
-                         protocols=protocols, ood=ood)
+                         protocols=protocols, ood=ood, members=members)
         exp.key = _key(exp)
         exp = experiments.setdefault(exp.key, exp)
         exp.tables.add(table)
@@ -248,6 +274,7 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                 {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
                  "seed": seed},
                 base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
+        _add_equal_compute_arms(grid, add)
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
@@ -289,6 +316,35 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
     return list(experiments.values())
 
 
+def _add_equal_compute_arms(grid: RegimeMap, add: Callable[..., Experiment]) -> None:
+    """The map's other ways of spending AS's training cost (`RegimeMap`), planned after all the map's
+    own runs so that a worker finishes what it began first: the deterministic networks, then their
+    deep ensembles, then VI trained longer."""
+    both = ("running", "recalibrated")
+    members: dict[tuple[str, str], list[Experiment]] = defaultdict(list)
+    for seed, model, schedule in itertools.product(range(grid.ensemble_members), grid.models, grid.schedules):
+        members[model, schedule].append(add(
+            "map", f"map-{grid.dataset}-{model}-{schedule}-det-s{seed}",
+            {"dataset": grid.dataset, "model": model, "schedule": schedule, "seed": seed, "method": "deterministic"},
+            {"model": model, "schedule": schedule, "init_sigma": None, "method": "deterministic",
+             "label": "deterministic", "seed": seed},
+            base=grid.base, ood=grid.ood))
+    for (model, schedule), nets in members.items():
+        for size in range(2, len(nets) + 1):
+            add("map", f"map-{grid.dataset}-{model}-{schedule}-ensemble-x{size}", nets[0].overrides,
+                {"model": model, "schedule": schedule, "init_sigma": None, "method": "ensemble",
+                 "label": f"deep ensemble ({size})", "members": size},
+                base=grid.base, ood=grid.ood, members=tuple(nets[:size]))
+    for seed, epochs, model, schedule, sigma in itertools.product(
+            range(grid.longer_seeds), grid.longer_epochs, grid.models, grid.schedules, grid.init_sigmas):
+        add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-vi-e{epochs}-s{seed}",
+            {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma, "seed": seed,
+             **MAP_METHODS["vi"][1], "epochs": epochs, "lr_milestones": _milestones(epochs)},
+            {"model": model, "schedule": schedule, "init_sigma": sigma, "method": "vi-longer",
+             "label": f"VI, {epochs} epochs", "epochs": epochs, "seed": seed},
+            base=grid.base, protocols=both, ood=grid.ood)
+
+
 #: TrainConfig fields added after RESULTS_VERSION 2, with the value that means "not used": a run key
 #: hashes such a field only when it is set, so adding the field kept the key of every earlier run.
 UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0}
@@ -299,6 +355,8 @@ def _key(exp: Experiment) -> str:
               if k not in UNHASHED_DEFAULTS or v != UNHASHED_DEFAULTS[k]}
     identity = {"config": config, "init_from": exp.init_from.key if exp.init_from else None,
                 "results_version": RESULTS_VERSION, "protocols": list(exp.protocols)}
+    if exp.members:  # a deep ensemble: its members, in order (their number is M); hashed only when set
+        identity["members"] = [m.key for m in exp.members]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -342,43 +400,80 @@ def _alive(pid: int) -> bool:
 
 def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None, device: str,
                    progress: bool) -> bool:
-    """Train and evaluate one experiment unless done or taken; True when it is done afterwards."""
+    """Train and evaluate one experiment (or evaluate one deep ensemble) unless done, taken or
+    waiting for the runs it builds on; True when it is done afterwards."""
     folder = run_dir(out, exp)
     if is_done(out, exp):
         return True
-    if exp.init_from is not None and not is_done(out, exp.init_from):
+    needs = ([exp.init_from] if exp.init_from is not None else []) + list(exp.members)
+    if not all(is_done(out, dep) for dep in needs):
         return False
     if not _claim(folder):
         return False
     try:
-        overrides = {**exp.overrides, "device": device}
-        if data_root is not None:
-            overrides["data_root"] = data_root
-        if exp.init_from is not None:
-            overrides["init_from"] = str(run_dir(out, exp.init_from) / "run")
-        cfg = make_config(overrides=overrides)
-        train_dir = folder / "run"
         began = time.perf_counter()
-        train(cfg, train_dir, resume=True, progress=progress)  # a killed worker's run goes on
-        results = {protocol: evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
-                                          ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
-                   for protocol in exp.protocols}
-        log = read_jsonl(train_dir / LOG)
-        precision = " and ".join(sorted({r.get("precision", "unknown precision") for r in log}))
+        work = _evaluate_ensemble if exp.members else _train_and_evaluate
+        made = work(out, exp, data_root, device, progress)
         meta = {
             "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "scale": scale,
             "columns": {k: v.label if isinstance(v, Variant) else v for k, v in exp.columns.items()},
-            "code": code_fingerprint(), "machine": f"{machine()}, training steps in {precision}",
-            "train_seconds": sum(r["epoch_time"] for r in log),
-            "eval_seconds": {protocol: r["timing"]["seconds"] for protocol, r in results.items()},
-            "posterior_width": posterior_width(train_dir),
-            "this_call_seconds": time.perf_counter() - began,
-            "command": f"asbnn train {train_dir / 'config.yaml'} --out {train_dir} --resume",
+            "code": code_fingerprint(), **made, "this_call_seconds": time.perf_counter() - began,
         }
         atomic_write_text(folder / "done.json", json.dumps(meta, indent=1))
         return True
     finally:
         (folder / "lock").unlink(missing_ok=True)
+
+
+def _train_and_evaluate(out: Path, exp: Experiment, data_root: str | None, device: str,
+                        progress: bool) -> dict[str, Any]:
+    """Train one run (resuming a killed worker's) and evaluate it under each of its protocols;
+    what done.json records of it."""
+    overrides = {**exp.overrides, "device": device}
+    if data_root is not None:
+        overrides["data_root"] = data_root
+    if exp.init_from is not None:
+        overrides["init_from"] = str(run_dir(out, exp.init_from) / "run")
+    cfg = make_config(overrides=overrides)
+    train_dir = run_dir(out, exp) / "run"
+    train(cfg, train_dir, resume=True, progress=progress)  # a killed worker's run goes on
+    results = {protocol: evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
+                                      ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
+               for protocol in exp.protocols}
+    log = read_jsonl(train_dir / LOG)
+    return {
+        "machine": f"{machine()}, training steps in {_precision(log)}",
+        "train_seconds": sum(r["epoch_time"] for r in log),
+        "eval_seconds": {protocol: r["timing"]["seconds"] for protocol, r in results.items()},
+        "posterior_width": posterior_width(train_dir),
+        "command": f"asbnn train {train_dir / 'config.yaml'} --out {train_dir} --resume",
+    }
+
+
+def _evaluate_ensemble(out: Path, exp: Experiment, data_root: str | None, device: str,
+                       progress: bool) -> dict[str, Any]:
+    """Evaluate the finished members of `exp` as one deep ensemble (`asbnn eval ... --ensemble`),
+    into the files a run's evaluation writes (RUN/eval), so the report reads it as it reads a run.
+    Its training time is its members' together: what the ensemble cost to train."""
+    members = [run_dir(out, m) / "run" for m in exp.members]
+    folder = run_dir(out, exp) / "run"
+    result = evaluate_ensemble(members, out=folder, ood=list(exp.ood), data_root=data_root, device=device,
+                               progress=False)
+    member_meta = [json.loads((run_dir(out, m) / "done.json").read_text()) for m in exp.members]
+    logs = [r for run in members for r in read_jsonl(run / LOG)]
+    ood = "".join(f" --ood {name}" for name in exp.ood)
+    return {
+        "machine": f"{machine()}, members' training steps in {_precision(logs)}",
+        "train_seconds": sum(m["train_seconds"] for m in member_meta),
+        "eval_seconds": {"running": result["timing"]["seconds"]},
+        "posterior_width": {},
+        "command": f"asbnn eval {' '.join(map(str, members))} --ensemble{ood} --out {folder}",
+    }
+
+
+def _precision(log: list[dict[str, Any]]) -> str:
+    """The precisions the training steps of a log ran in: 'bf16', 'fp32', 'bf16 and fp32'."""
+    return " and ".join(sorted({r.get("precision", "unknown precision") for r in log}))
 
 
 def posterior_width(run: Path) -> dict[str, float]:
