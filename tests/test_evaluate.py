@@ -187,6 +187,28 @@ def test_bf16_with_every_pair_rechecked_gives_the_fp32_predictions(loaded):
         assert torch.allclose(checked.mean_probs, fp32.mean_probs, atol=1e-6)
 
 
+def test_dropout_and_deterministic_networks_are_rechecked_too():
+    """The other networks `sampled_predictions` runs: MC dropout (sampled masks) and one plain network."""
+    import numpy as np
+
+    from asbnn.data import ArrayDataset, DeviceLoader
+    from asbnn.dropout import MCDropout
+    from asbnn.models import create_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.integers(0, 256, (80, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 80),
+                        [str(i) for i in range(10)])
+    loader = DeviceLoader(data, 40, train=False, mean=(0.5,), std=(0.25,), augment=False)
+    plain = create_model("lenet5", 10, 1, dropout=0.3)
+    for net, k in ((MCDropout(plain), 3), (plain, 1)):
+        fp32 = sampled_predictions(net, loader, num_samples=k)
+        checked = sampled_predictions(net, loader, num_samples=k, amp=True, tau=float("inf"))
+        assert checked.rechecked == k * 80
+        assert torch.equal(checked.sample_correct, fp32.sample_correct)
+        assert torch.allclose(checked.ensemble_probs, fp32.ensemble_probs, atol=1e-6)
+
+
 def test_a_zero_margin_rechecks_nothing_the_plain_bf16_evaluation(loaded, monkeypatch):
     import asbnn.evaluate as evaluate
 

@@ -9,7 +9,12 @@ Samples are evaluated several at a time with `torch.func.vmap` over stacked eps 
 one after another ("loop"); both give the same numbers, the faster one depends on the device.
 The fast evaluation (`fast`, with bf16 where it pays: `asbnn eval --amp`) folds BatchNorm into the
 convolutions, feeds NHWC batches and forms each sampled network's weights once, not once per batch:
-its numbers differ from the exact fp32 ones in the last bits (bf16: about 0.1 point, docs/benchmarks.md).
+in fp32 its numbers differ from the exact ones in the last bits. In bf16, every (network, input)
+pair whose top two logits are closer than `RECHECK_MARGIN` is recomputed in fp32 (`recheck_near_ties`),
+so each sampled network predicts the fp32 class: the per-sample accuracies and the posterior mean's
+came out exact where measured; the ensemble metrics keep the bf16 rounding of the other pairs'
+probabilities (ensemble accuracy within 0.05 point, ECE within 0.14 point on 2,000 images;
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ COVERAGES = (0.2, 0.4, 0.6, 0.8)
 # (Fashion-MNIST, 10,000 images), folded, NHWC: the largest |bf16 - fp32| logit over the classes is
 # 0.044 and 0.157 (99.99th percentiles 0.038 and 0.116), but what decides a changed class is the
 # error of the margin between the top class and a close one (within 1 of it): at most 0.041 and
-# 0.078, and bf16 changed a class only at margins up to 0.008 and 0.031. 0.2 is 2.6x the largest
+# 0.079, and bf16 changed a class only at margins up to 0.008 and 0.031. 0.2 is 2.5x the largest
 # margin error and 6x the largest margin that flipped; it rechecks 31 % and 7 % of the pairs there
-# (the weak ResNet-20's logits are flat: many near-ties).
+# (the weak ResNet-20's logits are flat: many near-ties). Logit errors grow with the logits' size:
+# a network with much larger logits near its ties may need a larger `tau` (measure it with that script).
 RECHECK_MARGIN = 0.2
 
 
@@ -180,9 +186,12 @@ def sampled_predictions(
     """Run K sampled models (or one deterministic network) over `loader` and reduce the outputs.
 
     `amp` runs the forward passes in bf16 autocast (logits reduced in fp32): about 2x faster on
-    AMX CPUs (and GPUs), metrics within about 0.1 point (docs/benchmarks.md). It is done as asked;
-    `hardware.choose_precision` says where it pays. `fast`: BatchNorm folded, NHWC batches (see
-    the module docstring; the exact fp32 numbers change in the last bits). With `recalibration`
+    AMX CPUs (and GPUs). It is done as asked; `hardware.choose_precision` says where it pays. Pairs
+    of a sampled network and an input whose top-1 minus top-2 logit margin is below `tau` are then
+    recomputed in fp32 (`recheck_near_ties`): each network's predicted classes are the fp32 ones,
+    the ensemble's probabilities keep the other pairs' bf16 rounding (the module docstring);
+    `tau=0` rechecks nothing. `fast`: BatchNorm folded, NHWC batches (see the module docstring; the
+    exact fp32 numbers change in the last bits). With `recalibration`
     (batches of training images), each sampled network is evaluated with BatchNorm statistics
     re-estimated at its own eps (`bn_recalibration`), one network at a time."""
     net.eval()
