@@ -156,8 +156,8 @@ def recheck_near_ties(logits: Tensor, x: Tensor, tau: float, forward: Callable[[
     those images, in fp32); and how many pairs that was.
 
     Why: bf16 rounding changes a network's predicted class only where two logits nearly tie, so
-    recomputing those few pairs gives every network's fp32 prediction, hence the fp32 per-sample
-    accuracies, at a small cost. Eval-mode BatchNorm treats each image on its own, so a subset of
+    recomputing those pairs gives every network's fp32 prediction, hence the fp32 per-sample
+    accuracies, at a cost in proportion to how many pairs nearly tie. Eval-mode BatchNorm treats each image on its own, so a subset of
     the batch gives the same logits as the whole. One forward pass per network with any near-tie."""
     logits = logits.float()
     top2 = logits.topk(2, dim=-1).values
