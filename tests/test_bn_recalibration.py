@@ -94,3 +94,9 @@ def test_the_fast_evaluation_folds_each_network_s_own_recalibrated_statistics():
     assert torch.allclose(fast.ensemble_probs, exact.ensemble_probs, atol=1e-5)
     assert torch.allclose(fast.mean_probs, exact.mean_probs, atol=1e-5)
     assert not torch.allclose(running.ensemble_probs, exact.ensemble_probs, atol=1e-3)
+    # bf16 with every pair rechecked in fp32: each network's own recalibrated statistics there too
+    for way, fp32 in (("fast", fast), ("exact", exact)):
+        checked = sampled_predictions(posterior, loader, num_samples=3, recalibration=batches, fast=way == "fast",
+                                      amp=True, tau=float("inf"))
+        assert torch.equal(checked.sample_correct, fp32.sample_correct)
+        assert torch.allclose(checked.ensemble_probs, fp32.ensemble_probs, atol=1e-5)

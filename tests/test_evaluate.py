@@ -152,6 +152,86 @@ def test_fast_evaluation_gives_the_exact_numbers_up_to_rounding(loaded):
     assert torch.allclose(fast.sample_nll, exact.sample_nll, rtol=1e-4)
 
 
+def test_recheck_recomputes_exactly_the_near_ties_with_one_forward_per_network():
+    from asbnn.evaluate import recheck_near_ties
+
+    logits = torch.tensor([[[1.0, 0.95, 0.0], [2.0, 0.0, 0.0], [0.5, 0.4, 0.7], [3.0, 1.0, 0.0]],
+                           [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0], [4.0, 0.0, 0.0]],
+                           [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0], [2.0, 2.0, 2.0]]]).bfloat16()
+    top2 = logits.float().topk(2, -1).values
+    near = top2[..., 0] - top2[..., 1] < 0.5
+    images = torch.arange(4.0)[:, None]  # each "image" is its index
+    calls = []
+
+    def forward(s: int, x: torch.Tensor) -> torch.Tensor:
+        calls.append((s, x[:, 0].tolist()))
+        return (100.0 * (s + 1) + x).expand(-1, 3)
+
+    checked, count = recheck_near_ties(logits, images, 0.5, forward)
+    assert checked.dtype == torch.float32 and count == int(near.sum())
+    assert calls == [(s, near[s].nonzero().flatten().float().tolist()) for s in range(3) if near[s].any()]
+    for s, b in near.nonzero().tolist():
+        assert torch.equal(checked[s, b], torch.full((3,), 100.0 * (s + 1) + b))
+    assert torch.equal(checked[~near], logits.float()[~near])
+
+
+def test_bf16_with_every_pair_rechecked_gives_the_fp32_predictions(loaded):
+    """A huge margin sends every (network, image) pair to fp32: the fp32 predictions, folded or not."""
+    net, test = loaded
+    for fast in (True, False):
+        fp32 = sampled_predictions(net, test, num_samples=3, seed=3, fast=fast)
+        checked = sampled_predictions(net, test, num_samples=3, seed=3, fast=fast, amp=True, tau=float("inf"))
+        assert checked.rechecked == 3 * len(test.labels)
+        assert torch.equal(checked.sample_correct, fp32.sample_correct)
+        assert torch.allclose(checked.ensemble_probs, fp32.ensemble_probs, atol=1e-6)
+        assert torch.allclose(checked.mean_probs, fp32.mean_probs, atol=1e-6)
+
+
+def test_dropout_and_deterministic_networks_are_rechecked_too():
+    """The other networks `sampled_predictions` runs: MC dropout (sampled masks) and one plain network."""
+    import numpy as np
+
+    from asbnn.data import ArrayDataset, DeviceLoader
+    from asbnn.dropout import MCDropout
+    from asbnn.models import create_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.integers(0, 256, (80, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 80),
+                        [str(i) for i in range(10)])
+    loader = DeviceLoader(data, 40, train=False, mean=(0.5,), std=(0.25,), augment=False)
+    plain = create_model("lenet5", 10, 1, dropout=0.3)
+    for net, k in ((MCDropout(plain), 3), (plain, 1)):
+        fp32 = sampled_predictions(net, loader, num_samples=k)
+        checked = sampled_predictions(net, loader, num_samples=k, amp=True, tau=float("inf"))
+        assert checked.rechecked == k * 80
+        assert torch.equal(checked.sample_correct, fp32.sample_correct)
+        assert torch.allclose(checked.ensemble_probs, fp32.ensemble_probs, atol=1e-6)
+
+
+def test_a_zero_margin_rechecks_nothing_the_plain_bf16_evaluation(loaded, monkeypatch):
+    import asbnn.evaluate as evaluate
+
+    net, test = loaded
+    zero = sampled_predictions(net, test, num_samples=3, seed=3, fast=True, amp=True, tau=0.0)
+    monkeypatch.setattr(evaluate, "recheck_near_ties", lambda logits, x, tau, forward: (logits.float(), 0))
+    plain = sampled_predictions(net, test, num_samples=3, seed=3, fast=True, amp=True)
+    assert zero.rechecked == 0 and summarize(zero) == summarize(plain)
+
+
+def test_the_default_recheck_gives_the_fp32_accuracies_rechecking_a_few_pairs(loaded):
+    """Real data, the measured default margin: some pairs are near-ties, most are not, and every
+    sampled network's accuracy (and the posterior mean's) is the fp32 one."""
+    net, test = loaded
+    fp32 = summarize(sampled_predictions(net, test, num_samples=4, seed=3, fast=True))
+    pred = sampled_predictions(net, test, num_samples=4, seed=3, fast=True, amp=True)
+    checked = summarize(pred)
+    assert 0 < pred.rechecked < 4 * len(test.labels) / 2
+    assert checked["per_sample_accuracy"] == fp32["per_sample_accuracy"]
+    assert checked["posterior_mean"]["accuracy"] == fp32["posterior_mean"]["accuracy"]
+    assert abs(checked["ensemble"]["accuracy"] - fp32["ensemble"]["accuracy"]) <= 2 / len(test.labels)
+
+
 @pytest.mark.parametrize("model", ["resnet20", "vgg16_bn", "allconv"])
 def test_folded_batchnorm_computes_what_the_network_does(model):
     from asbnn.evaluate import folded

@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-subset", type=count, default=1000, help="test images corrupted for --shift")
     p.add_argument("--device", type=device, default="auto")
     p.add_argument("--amp", action="store_true",
-                   help="fast evaluation: bf16 where measured faster, BatchNorm folded, NHWC batches (4-6x faster "
-                        "on AMX CPUs; metrics move by ~0.1 point)")
+                   help="fast evaluation: bf16 where measured faster with near-ties recomputed in fp32, BatchNorm "
+                        "folded, NHWC batches (~3x faster on AMX CPUs; sampled accuracies as in fp32, ensemble "
+                        "metrics within ~0.15 point; docs/benchmarks.md)")
     p.add_argument("--bn-recalibrate", action="store_true",
                    help="re-estimate BatchNorm statistics for each sampled network from 2,000 fixed training images")
     p.set_defaults(func=cmd_eval)

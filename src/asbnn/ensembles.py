@@ -57,5 +57,5 @@ def ensemble_predictions(members: Sequence[nn.Module], loader: DeviceLoader, *, 
         sample_correct=torch.cat([p.sample_correct for p in preds]),
         sample_nll=torch.cat([p.sample_nll for p in preds]),
         sample_probs=torch.cat([p.sample_probs for p in preds]) if keep_probs else None,
-        mean_logits=mean([p.mean_logits for p in preds]),
+        mean_logits=mean([p.mean_logits for p in preds]), rechecked=sum(p.rechecked for p in preds),
     )

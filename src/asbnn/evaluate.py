@@ -9,7 +9,12 @@ Samples are evaluated several at a time with `torch.func.vmap` over stacked eps 
 one after another ("loop"); both give the same numbers, the faster one depends on the device.
 The fast evaluation (`fast`, with bf16 where it pays: `asbnn eval --amp`) folds BatchNorm into the
 convolutions, feeds NHWC batches and forms each sampled network's weights once, not once per batch:
-its numbers differ from the exact fp32 ones in the last bits (bf16: about 0.1 point, docs/benchmarks.md).
+in fp32 its numbers differ from the exact ones in the last bits. In bf16, every (network, input)
+pair whose top two logits are closer than `RECHECK_MARGIN` is recomputed in fp32 (`recheck_near_ties`),
+so each sampled network predicts the fp32 class: the per-sample accuracies and the posterior mean's
+came out exact where measured; the ensemble metrics keep the bf16 rounding of the other pairs'
+probabilities (ensemble accuracy within 0.05 point, ECE within 0.14 point on 2,000 images;
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ from .posterior import Posterior
 
 Mode = Literal["batched", "loop"]
 COVERAGES = (0.2, 0.4, 0.6, 0.8)
+# bf16 evaluation: a (network, image) pair whose top-1 minus top-2 logit margin is below this is
+# recomputed in fp32 (`recheck_near_ties`). Measured (benchmarks/eval_fidelity.py, docs/benchmarks.md)
+# on 20 sampled networks of a weak VI ResNet-20 (CIFAR-10, 2,000 images) and of a VI LeNet-5
+# (Fashion-MNIST, 10,000 images), folded, NHWC: the largest |bf16 - fp32| logit over the classes is
+# 0.044 and 0.157 (99.99th percentiles 0.038 and 0.116), but what decides a changed class is the
+# error of the margin between the top class and a close one (within 1 of it): at most 0.041 and
+# 0.079, and bf16 changed a class only at margins up to 0.008 and 0.031. 0.2 is 2.5x the largest
+# margin error and 6x the largest margin that flipped; it rechecks 31 % and 7 % of the pairs there
+# (the weak ResNet-20's logits are flat: many near-ties). Logit errors grow with the logits' size:
+# a network with much larger logits near its ties may need a larger `tau` (measure it with that script).
+RECHECK_MARGIN = 0.2
 
 
 @dataclass
@@ -49,6 +65,7 @@ class Predictions:
     mean_probs: Tensor | None = None  # [N, C] the network at the posterior mean
     sample_probs: Tensor | None = None  # [K, N, C] float16, only when asked to keep them
     mean_logits: Tensor | None = None  # [N, C] mean of the K logits: what energy and max-logit scores take
+    rechecked: int = 0  # (sampled network, input) pairs of a bf16 evaluation recomputed in fp32 (near-ties)
 
     @property
     def total(self) -> Tensor:
@@ -133,6 +150,24 @@ def _forward_samples(posterior: Posterior, x: Tensor, eps: Tensor, mode: Mode) -
     return torch.stack([posterior(x, e) for e in eps])
 
 
+def recheck_near_ties(logits: Tensor, x: Tensor, tau: float, forward: Callable[[int, Tensor], Tensor]) -> tuple[Tensor, int]:
+    """bf16 logits [S, B, C] of S networks on the batch `x`, in fp32, with every (network, image) pair
+    whose top-1 minus top-2 margin is below `tau` recomputed by `forward(s, images)` (network s on
+    those images, in fp32); and how many pairs that was.
+
+    Why: bf16 rounding changes a network's predicted class only where two logits nearly tie, so
+    recomputing those pairs gives every network's fp32 prediction, hence the fp32 per-sample
+    accuracies, at a cost in proportion to how many pairs nearly tie. Eval-mode BatchNorm treats each image on its own, so a subset of
+    the batch gives the same logits as the whole. One forward pass per network with any near-tie."""
+    logits = logits.float()
+    top2 = logits.topk(2, dim=-1).values
+    near = top2[..., 0] - top2[..., 1] < tau  # [S, B]
+    for s in near.any(1).nonzero().flatten().tolist():
+        rows = near[s].nonzero().flatten()
+        logits[s].index_copy_(0, rows, forward(s, x.index_select(0, rows)).float())
+    return logits, int(near.sum())
+
+
 @torch.no_grad()
 def sampled_predictions(
     net: nn.Module,
@@ -146,13 +181,17 @@ def sampled_predictions(
     amp: bool = False,
     fast: bool = False,
     recalibration: Sequence[Tensor] | None = None,
+    tau: float = RECHECK_MARGIN,
 ) -> Predictions:
     """Run K sampled models (or one deterministic network) over `loader` and reduce the outputs.
 
     `amp` runs the forward passes in bf16 autocast (logits reduced in fp32): about 2x faster on
-    AMX CPUs (and GPUs), metrics within about 0.1 point (docs/benchmarks.md). It is done as asked;
-    `hardware.choose_precision` says where it pays. `fast`: BatchNorm folded, NHWC batches (see
-    the module docstring; the exact fp32 numbers change in the last bits). With `recalibration`
+    AMX CPUs (and GPUs). It is done as asked; `hardware.choose_precision` says where it pays. Pairs
+    of a sampled network and an input whose top-1 minus top-2 logit margin is below `tau` are then
+    recomputed in fp32 (`recheck_near_ties`): each network's predicted classes are the fp32 ones,
+    the ensemble's probabilities keep the other pairs' bf16 rounding (the module docstring);
+    `tau=0` rechecks nothing. `fast`: BatchNorm folded, NHWC batches (see the module docstring; the
+    exact fp32 numbers change in the last bits). With `recalibration`
     (batches of training images), each sampled network is evaluated with BatchNorm statistics
     re-estimated at its own eps (`bn_recalibration`), one network at a time."""
     net.eval()
@@ -167,6 +206,7 @@ def sampled_predictions(
     labels = torch.cat([y for _, y in loader.batches()])
     n = len(labels)
     ens = aleatoric = mean_probs = kept = logit_sum = None
+    rechecked = 0
     correct = torch.zeros(k_total, device=device)
     nll = torch.zeros(k_total, device=device, dtype=torch.float64)
     for start in range(0, k_total, chunk):
@@ -177,6 +217,13 @@ def sampled_predictions(
         stats = nullcontext() if recalibration is None else recalibrated(net, eps[0] if bayesian else None, recalibration)
         with stats:
             weights = [fold.weights(e) for e in eps] if fold is not None else None  # once per network
+
+            def network(s: int, x: Tensor) -> Tensor:  # the chunk's sampled network s on x
+                x = prepare(x)  # a subset of a batch (index_select) comes back NCHW
+                if weights is not None:
+                    return fold(x, weights[s : s + 1])[0]
+                return net(x, eps[s]) if bayesian else net(x)
+
             for x, y in loader.batches():
                 x = prepare(x)
                 with autocast(device, amp):
@@ -184,6 +231,9 @@ def sampled_predictions(
                         logits = fold(x, weights)
                     else:
                         logits = _forward_samples(net, x, eps, mode) if bayesian else net(x)[None]
+                if amp:
+                    logits, count = recheck_near_ties(logits, x, tau, network)
+                    rechecked += count
                 logp = logits.float().log_softmax(-1)  # [S, B, C]
                 probs = logp.exp()
                 if ens is None and int(y.max()) >= probs.shape[-1]:
@@ -205,16 +255,24 @@ def sampled_predictions(
                 offset += len(y)
     if bayesian:
         stats = nullcontext() if recalibration is None else recalibrated(net, "mean", recalibration)
-        with stats, autocast(device, amp):
-            if fold is not None:
-                weights = [fold.weights("mean")]
-                mean_probs = torch.cat([fold(prepare(x), weights)[0].float().softmax(-1) for x, _ in loader.batches()])
-            else:
-                mean_probs = torch.cat([net(x, "mean").float().softmax(-1) for x, _ in loader.batches()])
+        with stats:
+            mean_weights = [fold.weights("mean")] if fold is not None else None
+
+            def mean_network(_: int, x: Tensor) -> Tensor:  # the network at the posterior mean on x
+                return fold(prepare(x), mean_weights)[0] if mean_weights is not None else net(x, "mean")
+
+            batches = []
+            for x, _ in loader.batches():
+                with autocast(device, amp):
+                    logits = mean_network(0, x)[None]
+                if amp:
+                    logits = recheck_near_ties(logits, x, tau, mean_network)[0]
+                batches.append(logits[0].float().softmax(-1))
+            mean_probs = torch.cat(batches)
     return Predictions(
         labels=labels, ensemble_probs=(ens / k_total).float(), aleatoric=(aleatoric / k_total).float(),
         sample_correct=correct, sample_nll=nll.float(), mean_probs=mean_probs, sample_probs=kept,
-        mean_logits=(logit_sum / k_total).float(),
+        mean_logits=(logit_sum / k_total).float(), rechecked=rechecked,
     )
 
 
