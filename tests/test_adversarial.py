@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asbnn.adversarial import ASConfig, adversarial_eps, bayes_loss, frozen_bn_stats
+from asbnn.adversarial import (
+    ASConfig, FreeAdversarialSampler, adversarial_eps, bayes_loss, frozen_bn_stats, normalised_mask,
+)
 from asbnn.data import load_dataset
 from asbnn.errors import ConfigError
 from asbnn.models import create_model
@@ -101,6 +103,7 @@ def test_batchnorm_policy(posterior, batch, policy, extra_updates):
 @pytest.mark.parametrize("kwargs, message", [
     ({"lam": 1.5}, "as_lambda"), ({"lam": -0.1}, "as_lambda"), ({"step_size": -0.01}, "alpha"),
     ({"steps": -1}, "as_steps"), ({"steps": 2.5}, "integer"), ({"bn_policy": "eval"}, "bn_policy"),
+    ({"layers": "conv"}, "as_layers"),
 ])
 def test_bad_as_configs(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -155,3 +158,131 @@ def test_adversarial_search_refuses_bad_eps_and_settings(posterior, batch):
         adversarial_eps(posterior, x[:4], y[:4], eps, steps=1, step_size=float("inf"))
     with pytest.raises(ConfigError, match="as_steps"):
         adversarial_eps(posterior, x[:4], y[:4], eps, steps=-1, step_size=0.02)
+
+
+# ---------------------------------------------------------------- layers "normalised": sign steps on normalised layers only
+
+
+def mask_by_name(posterior):
+    """Each Bayesian parameter's mask value, which must be the same over the whole tensor."""
+    parts = normalised_mask(posterior).split(posterior.sizes)
+    assert all(part.min() == part.max() for part in parts)
+    return {name: int(part[0]) for name, part in zip(posterior.names, parts)}
+
+
+def test_normalised_mask_of_lenet5_is_its_convs_and_batchnorms(posterior):
+    masked = {name for name, flag in mask_by_name(posterior).items() if flag}
+    # the convs have no bias (each feeds a BatchNorm): their weights and both BatchNorms' affine parameters
+    assert masked == {"conv1.weight", "bn1.weight", "bn1.bias", "conv2.weight", "bn2.weight", "bn2.bias"}
+    assert {n.split(".")[0] for n in posterior.names} - {n.split(".")[0] for n in masked} == {"fc1", "fc2", "fc3"}
+
+
+def test_normalised_mask_of_the_allconv_network_is_all_but_its_last_layer():
+    post = Posterior(create_model("allconv", in_channels=1))
+    assert {name for name, flag in mask_by_name(post).items() if not flag} == {"fc.weight", "fc.bias"}
+    assert {n.split(".")[0] for n, flag in mask_by_name(post).items() if flag} == {"convs", "bns"}
+
+
+class Branches(torch.nn.Module):
+    """A linear layer feeding only a BatchNorm (normalised), one whose output is also read elsewhere
+    (not), and one feeding a BatchNorm only after a ReLU (not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.only, self.bn1 = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+        self.shared, self.bn2 = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+        self.late, self.bn3 = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        x = self.bn1(self.only(x))
+        h = self.shared(x)
+        x = self.bn2(h) + h
+        return self.bn3(torch.relu(self.late(x)))
+
+
+def test_only_a_layer_whose_output_goes_straight_and_only_into_a_batchnorm_counts():
+    flags = mask_by_name(Posterior(Branches()))
+    assert {n for n, f in flags.items() if f} == {"only.weight", "only.bias", *(f"bn{i}.{p}" for i in (1, 2, 3)
+                                                                                 for p in ("weight", "bias"))}
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) if x.sum() > 0 else self.fc(x)
+
+
+def test_normalised_layers_need_batchnorm_and_a_traceable_model(batch):
+    x, y = batch
+    plain = Posterior(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)))
+    with pytest.raises(ConfigError, match="no Bayesian BatchNorm layer"):
+        normalised_mask(plain)
+    with pytest.raises(ConfigError, match="no Bayesian BatchNorm layer"):
+        bayes_loss(plain, x[:4], y[:4], kl_weight=0.0, config=ASConfig(layers="normalised"))
+    with pytest.raises(ConfigError, match="no Bayesian BatchNorm layer"):
+        FreeAdversarialSampler(plain, ASConfig(layers="normalised"))
+    with pytest.raises(ConfigError, match="needs a model torch.fx can trace"):
+        normalised_mask(Posterior(DataDependent()))
+    # the default moves every parameter's noise and never traces the model
+    bayes_loss(Posterior(DataDependent()), torch.randn(4, 4), torch.arange(4), kl_weight=0.0, config=ASConfig(steps=1))
+
+
+def test_the_mask_is_traced_once_and_follows_mu(posterior):
+    mask = normalised_mask(posterior)
+    assert normalised_mask(posterior) is mask and mask.dtype == posterior.mu.dtype
+    posterior.double()
+    moved = normalised_mask(posterior)
+    assert moved.dtype == torch.float64 and torch.equal(moved, mask.double())
+    assert normalised_mask(posterior) is moved
+
+
+def test_a_masked_step_moves_only_the_normalised_noise_and_those_as_an_unmasked_one(posterior, batch):
+    x, y = batch
+    eps = posterior.sample_eps(torch.Generator().manual_seed(7))
+    mask = normalised_mask(posterior)
+    everything = adversarial_eps(posterior, x, y, eps, steps=1, step_size=0.02)
+    masked = adversarial_eps(posterior, x, y, eps, steps=1, step_size=0.02, mask=mask)
+    assert torch.equal(masked[mask == 0], eps[mask == 0])
+    assert torch.equal(masked[mask == 1], everything[mask == 1]) and not torch.equal(masked, eps)
+    with pytest.raises(ConfigError, match="mask must be a torch.float32 tensor of shape"):
+        adversarial_eps(posterior, x, y, eps, steps=1, step_size=0.02, mask=mask.bool())
+
+
+def test_the_default_step_is_unchanged_bitwise(posterior, batch):
+    """layers "all" (the default) is eps + alpha * sign(dL/dw), bit for bit as before the mask existed."""
+    x, y = batch
+    eps = posterior.sample_eps(torch.Generator().manual_seed(8))
+    with frozen_bn_stats(posterior.model):
+        weights = posterior.flat_weights(eps).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(posterior(x, weights=weights), y), weights)
+    expected = eps.add(grad.sign(), alpha=0.02)
+    assert ASConfig().layers == "all"
+    assert torch.equal(adversarial_eps(posterior, x, y, eps, steps=1, step_size=0.02), expected)
+
+
+def test_bayes_loss_searches_the_normalised_noise_only(posterior, batch):
+    x, y = batch
+    config = ASConfig(steps=3, layers="normalised")
+    parts = bayes_loss(posterior, x, y, kl_weight=1e-4, config=config, generator=torch.Generator().manual_seed(9))
+    eps = posterior.sample_eps(torch.Generator().manual_seed(9))
+    with frozen_bn_stats(posterior.model):
+        eps_adv = adversarial_eps(posterior, x, y, eps, steps=3, step_size=0.02, mask=normalised_mask(posterior))
+        assert torch.equal(eps_adv[normalised_mask(posterior) == 0], eps[normalised_mask(posterior) == 0])
+        assert torch.equal(parts.adv, F.cross_entropy(posterior(x, eps_adv), y))
+
+
+def test_free_as_respects_the_mask(posterior, batch):
+    x, y = batch
+    sampler = FreeAdversarialSampler(posterior, ASConfig(steps=2, step_size=0.02, layers="normalised"))
+    mask = normalised_mask(posterior)
+    gen = torch.Generator().manual_seed(10)
+    seen = []
+    for _ in range(2):
+        sampler.loss(x, y, kl_weight=1e-4, generator=gen).total.backward()
+        seen.append((sampler.eps.clone(), sampler._grad.clone()))
+    (e0, g0), (e1, _) = seen
+    assert torch.equal(e1, e0 + 0.02 * (g0.sign() * mask))
+    assert torch.equal(e1[mask == 0], e0[mask == 0]) and not torch.equal(e1, e0)

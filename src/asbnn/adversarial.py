@@ -13,6 +13,14 @@ BatchNorm policy during the adversarial passes (`bn_policy`):
   as usual but do not update the running statistics, so those describe regularly sampled
   networks only (the ones evaluated at test time).
 - "update" (the authors' code): every pass updates the running statistics.
+
+Which noise the sign steps move (`layers`):
+- "all" (the paper): the noise of every Bayesian parameter.
+- "normalised": only the noise of BatchNorm layers and of the conv / linear layers that feed
+  straight into one. In a linear layer dL/dw_ij = delta_j x_i, so a sign step moves unit j's
+  pre-activation coherently by alpha * sum_i sigma_ij |x_i| over all its inputs; a BatchNorm right
+  after the layer subtracts such a per-channel shift (batch statistics in train mode), an
+  unnormalised layer (LeNet-5's fc1, 400 inputs) passes it on. See `normalised_mask`.
 """
 
 from __future__ import annotations
@@ -22,16 +30,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import copy
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, check_number
+from .errors import ConfigError, check_number, first_line
 from .posterior import Posterior
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 BNPolicy = Literal["freeze", "update"]
 KLConvention = Literal["paper", "authors"]
+ASLayers = Literal["all", "normalised"]
 
 
 def _check_search(steps: object, step_size: object) -> None:
@@ -48,7 +60,8 @@ class ASConfig:
     """Adversarial Sampling settings; the defaults are the paper's (N=5, alpha=0.02, lambda=0.8).
 
     kl_convention "paper" adds the KL unscaled (eq. 3); "authors" multiplies it by (1 - lambda)
-    as the authors' code does, which removes the KL entirely at lambda = 1.
+    as the authors' code does, which removes the KL entirely at lambda = 1. layers "normalised"
+    restricts the sign steps to the noise of normalised layers (see the module docstring).
     """
 
     steps: int = 5
@@ -56,6 +69,7 @@ class ASConfig:
     lam: float = 0.8
     kl_convention: KLConvention = "paper"
     bn_policy: BNPolicy = "freeze"
+    layers: ASLayers = "all"
 
     def __post_init__(self) -> None:
         _check_search(self.steps, self.step_size)
@@ -65,6 +79,8 @@ class ASConfig:
             raise ConfigError(f"kl_convention must be 'paper' or 'authors', got {self.kl_convention!r}")
         if self.bn_policy not in ("freeze", "update"):
             raise ConfigError(f"bn_policy must be 'freeze' or 'update', got {self.bn_policy!r}")
+        if self.layers not in ("all", "normalised"):
+            raise ConfigError(f"as_layers must be 'all' or 'normalised', got {self.layers!r}")
 
 
 VI = ASConfig(lam=0.0)
@@ -106,6 +122,87 @@ def frozen_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         stats.restore()
 
 
+_WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+def _feeds_only_batchnorm(node: torch.fx.Node, model: nn.Module) -> bool:
+    """Whether the output of `node` goes into one BatchNorm call as its sole input, and nowhere else
+    (a residual branch or a second reader would see the shift before it is normalised away)."""
+    if len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return (user.op == "call_module" and isinstance(model.get_submodule(str(user.target)), _BATCHNORM)
+            and user.args == (node,) and not user.kwargs)
+
+
+def _normalised_modules(model: nn.Module) -> set[int]:
+    """The ids of the modules of `model` whose output is normalised: every BatchNorm, and each conv /
+    linear layer every call of which feeds straight into a BatchNorm (a layer called twice counts
+    only if both calls do). Found on the graph torch.fx traces, as `evaluate.FoldedNetwork` folds."""
+    try:
+        graph = torch.fx.Tracer().trace(model)
+    except Exception as err:  # fx fails in many ways on untraceable code (data-dependent control flow, ...)
+        raise ConfigError(f"as_layers 'normalised' needs a model torch.fx can trace to find its normalised "
+                          f"layers; this {type(model).__name__} is not: {first_line(err)}") from None
+    verdicts: dict[int, list[bool]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = model.get_submodule(str(node.target))
+        if isinstance(module, (_BATCHNORM, *_WEIGHTED_LAYERS)):
+            normalised = isinstance(module, _BATCHNORM) or _feeds_only_batchnorm(node, model)
+            verdicts.setdefault(id(module), []).append(normalised)
+    return {key for key, flags in verdicts.items() if all(flags)}
+
+
+def _layer_mask(posterior: Posterior) -> Tensor:
+    """1 for each Bayesian parameter of a normalised layer, 0 elsewhere, in the layout of mu. A tensor
+    shared between layers (tied weights) counts only if all of them are normalised."""
+    model = copy.deepcopy(posterior.model)  # tracing runs the model's Python code: never on the one in use
+    normalised = _normalised_modules(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    owners = {name: [name] for name in posterior.names}
+    for alias, name in posterior.aliases.items():
+        owners[name].append(alias)
+    flags = [all(id(modules[owner.rpartition(".")[0]]) in normalised for owner in owners[name])
+             for name in posterior.names]
+    if not any(flags):
+        raise ConfigError(f"as_layers 'normalised': this {type(model).__name__} has no Bayesian BatchNorm layer and "
+                          "no conv / linear layer feeding straight into one, so AS would move no noise at all "
+                          "(plain VI at N + 2 times the cost); use as_layers 'all' or method vi")
+    mu = posterior.mu
+    mask = torch.tensor(flags, dtype=mu.dtype).repeat_interleave(torch.tensor(posterior.sizes))
+    return mask.to(mu.device)
+
+
+#: Masks by posterior (keyed by its own copy of the module, which a torch.compile wrapper shares).
+_MASKS: weakref.WeakKeyDictionary[nn.Module, Tensor] = weakref.WeakKeyDictionary()
+
+
+def normalised_mask(posterior: Posterior) -> Tensor:
+    """The flat 0/1 mask (layout of mu) of the noise a sign step may move under layers "normalised":
+    that of BatchNorm layers and of conv / linear layers whose output feeds directly and only into a
+    BatchNorm, whose per-channel shift that BatchNorm removes in train mode.
+
+    Traced once per posterior and cached, following mu to another device or dtype. Raises ConfigError
+    for a model torch.fx cannot trace and for one without a normalised layer.
+    """
+    key, mu = posterior.model, posterior.mu
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = _layer_mask(posterior)
+    elif (mask.device, mask.dtype) != (mu.device, mu.dtype):
+        mask = mask.to(mu.device, mu.dtype)
+    _MASKS[key] = mask
+    return mask
+
+
+def _search_mask(posterior: Posterior, config: ASConfig) -> Tensor | None:
+    """The mask the sign steps of `config` take (None: every parameter's noise)."""
+    return normalised_mask(posterior) if config.layers == "normalised" else None
+
+
 def adversarial_eps(
     posterior: Posterior,
     x: Tensor,
@@ -116,14 +213,19 @@ def adversarial_eps(
     *,
     bn_policy: BNPolicy = "freeze",
     loss_fn: LossFn = F.cross_entropy,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Algorithm 1, lines 2-6: `steps` sign-gradient ascent steps on the loss with respect to eps.
 
     dL/deps = sigma * dL/dw with sigma > 0, so its sign is that of the weight gradient: each pass
     differentiates with respect to the sampled weights alone (mu and sigma held fixed), which
-    spares a multiplication by sigma and a fresh sigma per pass. The returned tensor is detached.
+    spares a multiplication by sigma and a fresh sigma per pass. `mask` (layout of eps, e.g.
+    `normalised_mask`) multiplies each sign step: where it is 0 eps stays as drawn; None moves all.
+    The returned tensor is detached.
     """
     posterior.check_flat(eps)
+    if mask is not None:
+        posterior.check_flat(mask, "mask")
     _check_search(steps, step_size)
     eps = eps.detach()
     if steps == 0 or step_size == 0:
@@ -134,7 +236,8 @@ def adversarial_eps(
             weights = torch.addcmul(mu, sigma, eps).requires_grad_(True)
             loss = loss_fn(posterior(x, weights=weights), y)
             (grad,) = torch.autograd.grad(loss, weights)
-            eps = eps.add(grad.sign_(), alpha=step_size)
+            step = grad.sign_() if mask is None else grad.sign_().mul_(mask)
+            eps = eps.add(step, alpha=step_size)
     return eps
 
 
@@ -168,7 +271,7 @@ def bayes_loss(
     if config.lam > 0:
         eps_adv = adversarial_eps(
             posterior, x, y, posterior.sample_eps(generator), config.steps, config.step_size,
-            bn_policy=config.bn_policy, loss_fn=loss_fn,
+            bn_policy=config.bn_policy, loss_fn=loss_fn, mask=_search_mask(posterior, config),
         )
     return _equation_3(posterior, x, y, eps_adv, kl_weight, config, loss_fn, generator)
 
@@ -200,11 +303,13 @@ class FreeAdversarialSampler:
     so it never drifts further from a regular sample than standard AS's N steps do (the same
     Wasserstein budget alpha * N). A step costs 2 forward-backward passes instead of N + 2; the
     price is that each ascent step was computed at the previous step's weights and batch
-    ("free" adversarial training, Shafahi et al. 2019).
+    ("free" adversarial training, Shafahi et al. 2019). `config.layers` restricts the steps as in
+    standard AS.
     """
 
     def __init__(self, posterior: Posterior, config: ASConfig = ASConfig()) -> None:
         self.posterior, self.config = posterior, config
+        _search_mask(posterior, config)  # traced (or refused) now rather than at the first sign step
         self.eps: Tensor | None = None
         self.age = 0
         self._grad: Tensor | None = None
@@ -214,7 +319,9 @@ class FreeAdversarialSampler:
 
     def _next_eps(self, generator: torch.Generator | None) -> Tensor:
         if self.eps is not None and self._grad is not None and self.age < self.config.steps:
-            self.eps = self.eps.detach() + self.config.step_size * self._grad.sign()
+            mask = _search_mask(self.posterior, self.config)
+            step = self._grad.sign() if mask is None else self._grad.sign() * mask
+            self.eps = self.eps.detach() + self.config.step_size * step
             self.age += 1
         else:
             self.eps, self.age = self.posterior.sample_eps(generator), 0

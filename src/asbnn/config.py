@@ -72,6 +72,8 @@ class TrainConfig:
     kl_convention: Literal["paper", "authors"] = "paper"  # "paper": eq. 3 (KL unscaled); "authors": x (1 - lambda)
     bn_policy: Literal["freeze", "update"] = "freeze"
     as_variant: Literal["standard", "free"] = "standard"  # free: 1 sign step per training step, 2 passes
+    # normalised: sign steps only on the noise of BatchNorm layers and the conv / linear layers feeding one
+    as_layers: Literal["all", "normalised"] = "all"
     # run
     seed: int = 42
     device: str = "auto"
@@ -103,7 +105,7 @@ class TrainConfig:
         lam = self.as_lambda if self.method == "as" else 0.0
         return ASConfig(
             steps=self.as_steps, step_size=self.as_step_size, lam=lam,
-            kl_convention=self.kl_convention, bn_policy=self.bn_policy,
+            kl_convention=self.kl_convention, bn_policy=self.bn_policy, layers=self.as_layers,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,7 +218,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"dropout is a setting of method mc_dropout; method {cfg.method} needs dropout 0")
     cfg.posterior_config()  # PosteriorConfig and ASConfig check their own ranges
     ASConfig(steps=cfg.as_steps, step_size=cfg.as_step_size, lam=cfg.as_lambda,
-             kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy)
+             kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy, layers=cfg.as_layers)
 
 
 #: Keys that change how fast a run goes or what it writes, not what it computes (up to the last bits

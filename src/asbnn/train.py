@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, streams
-from .adversarial import FreeAdversarialSampler, RunningStats, bayes_loss
+from .adversarial import FreeAdversarialSampler, RunningStats, bayes_loss, normalised_mask
 from .build import build_data, build_network
 from .config import TrainConfig
 from .data import DatasetInfo, DeviceLoader
@@ -70,6 +70,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, overwrite:
     data = build_data(cfg, device)
     init = deterministic_weights(cfg.init_from, cfg.model) if cfg.init_from is not None else None
     net = build_network(cfg, data.info, init).to(device)
+    if cfg.method == "as" and cfg.as_layers == "normalised":
+        normalised_mask(net)  # traced once here: a model without normalised layers is refused before the run starts
     step_net = torch.compile(net) if cfg.compile else net  # runs the steps; `net` is evaluated and saved
     precision = state["precision"] if state is not None and "precision" in state else \
         run_precision(cfg, net, data.info, device, ranks)  # a resumed run keeps its own

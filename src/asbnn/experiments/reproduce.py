@@ -347,7 +347,7 @@ def _add_equal_compute_arms(grid: RegimeMap, add: Callable[..., Experiment]) -> 
 
 #: TrainConfig fields added after RESULTS_VERSION 2, with the value that means "not used": a run key
 #: hashes such a field only when it is set, so adding the field kept the key of every earlier run.
-UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0}
+UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "as_layers": "all"}
 
 
 def _key(exp: Experiment) -> str:
