@@ -160,7 +160,7 @@ def test_adversarial_search_refuses_bad_eps_and_settings(posterior, batch):
         adversarial_eps(posterior, x[:4], y[:4], eps, steps=-1, step_size=0.02)
 
 
-# ---------------------------------------------------------------- layers "normalised": sign steps on normalised layers only
+# ---------------------------------------------------------------- as_layers "normalised"
 
 
 def mask_by_name(posterior):

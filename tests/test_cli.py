@@ -32,6 +32,8 @@ def run_cli(capsys, *args):
     (["lr=fast"], "lr must be a finite number"),
     (["epoch=3"], "unknown config key 'epoch' in the overrides; did you mean 'epochs'?"),
     (["method=bayes"], "method must be one of deterministic, vi, as"),
+    (["as_layers=conv"], "as_layers must be one of all, normalised"),
+    (["model=mlp", "method=as", "as_layers=normalised"], "as_layers 'normalised': this Sequential has no Bayesian BatchNorm"),
     (["epochs"], "not of the form key=value"),
 ])
 def test_bad_train_inputs_give_one_clear_line(capsys, tmp_path, shared_data, overrides, message):
@@ -223,6 +225,13 @@ def test_unknown_keys_suggest_the_key_they_mean(key, suggested):
     with pytest.raises(ConfigError) as err:
         make_config(overrides=parse_overrides([f"{key}=0.5"]))
     assert f"unknown config key '{key}' in the overrides; did you mean {suggested}?" in str(err.value)
+
+
+def test_as_layers_reaches_the_as_settings_and_defaults_to_all():
+    assert make_config(overrides={"method": "as"}).as_config().layers == "all"
+    assert make_config(overrides=parse_overrides(["as_layers=normalised"])).as_config().layers == "normalised"
+    with pytest.raises(ConfigError, match="did you mean 'as_layers'"):
+        make_config(overrides={"layers": "normalised"})
 
 
 def test_a_key_close_to_nothing_lists_the_valid_keys():
