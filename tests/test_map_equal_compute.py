@@ -76,14 +76,15 @@ def test_report_rows_and_equal_compute_lines_of_the_arms(smoke_map):
     n = len(plan(["map"], "smoke"))
     assert f"{n} of {n} runs finished" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    for label in ("deterministic", "deep ensemble (2)", "deep ensemble (3)", "VI, 4 epochs"):
+    for label in ("deterministic", "deep ensemble (2)", "deep ensemble (3)", "VI, 4 epochs", "AS, normalised layers"):
         assert sum(f" {label} " in row for row in rows) == 2 * 2  # 2 models, in both protocols' cell tables
     gains = [line for line in text.split("### AS - VI per cell")[1].split("###")[0].splitlines()
              if line.startswith("| ")][2:]  # the rows below the header and its alignment line
-    assert {line.split("|")[4].strip() for line in gains} == {"AS", "free AS"}  # at equal epochs, against VI
+    variants = {line.split("|")[4].strip() for line in gains}
+    assert variants == {"AS", "free AS", "AS, normalised layers"}  # at equal epochs, against VI
     for plot in ("map_cost_lowest.png", "map_cost_nll.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
-    assert "deep-ensemble line" in text and "VI trained longer" in text
+    assert "deep-ensemble line" in text and "VI trained longer" in text and "`as_layers: normalised`" in text
     runs = _load([(e, run_dir(out, e)) for e in plan(["map"], "smoke")])
     series = cost_series(runs, "recalibrated", ("ensemble", "nll"), 1.0)
     member = _eval(out, _of("deterministic")[0])
@@ -91,6 +92,7 @@ def test_report_rows_and_equal_compute_lines_of_the_arms(smoke_map):
     assert series["lenet5, deep ensemble"][0] == [m * training_passes(member["config"]) for m in (1, 2, 3)]
     vi_cost = training_passes(vi["evals"]["running"]["config"])
     assert series["lenet5, σ0 0.05, VI longer"][0] == [vi_cost, 2 * vi_cost]  # 4 epochs against 2
+    assert series["lenet5, σ0 0.05, AS normalised layers"][0] == [4 * vi_cost]  # N + 2 = 4 passes, as AS
     ensemble = next(r for r in runs if r["exp"].name.endswith("lenet5-multistep-ensemble-x3"))
     assert series["lenet5, deep ensemble"][1][-1] == ensemble["evals"]["running"]["ensemble"]["nll"]  # running stats
 

@@ -71,7 +71,7 @@ def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, 
     assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in experiments)
     assert [e.columns["method"] for e in experiments[:2]] == ["vi", "vi"]  # every cell's VI first
     own = [e.columns["method"] for e in plan(["map"], "smoke", seeds=2) if e.columns["method"] in grid.methods]
-    assert own[-1] == "free"  # free AS after all seeds
+    assert own[-2:] == ["free", "asnorm"]  # the other variants after all seeds' VI and AS
     assert not any("map" in e.tables for e in plan(["all"], "smoke"))  # all = the paper's tables
     exp = next(e for e in experiments if e.columns["method"] == "free" and e.columns["model"] == "allconv")
     assert exp.overrides["as_variant"] == "free" and exp.overrides["method"] == "as"
@@ -161,11 +161,11 @@ def test_equal_compute_arms_come_after_the_map_and_build_on_their_members():
 def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     """The arms default to nothing; the cpu map adds 7 members x 2 models, 6 ensembles x 2, 2 x 4 VI runs."""
     smoke = SCALES["smoke"]
-    before = [(e.name, e.key) for e in plan(["map"], "smoke") if e.columns["method"] in ("vi", "as", "free")]
+    before = [(e.name, e.key) for e in plan(["map"], "smoke") if e.columns["method"] in smoke.regime_map.methods]
     bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=())
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
-    assert len(plan(["map"], "cpu", 2)) == 24 + 14 + 12 + 8
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8  # + 8: AS on normalised layers
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -182,3 +182,41 @@ def test_training_cost_counts_a_deterministic_step_as_one_pass_and_an_ensemble_a
     ensemble = {"exp": exp, "evals": {"running": {"method": "deep_ensemble", "members": ["a", "b", "c"],
                                                   "config": config}}}
     assert _cost(ensemble) == 3000
+
+
+def test_as_on_normalised_layers_only_adds_map_runs(monkeypatch):
+    """asnorm came after the map's first 24 runs and its equal-compute arms: it adds 4 cells x seeds runs,
+    each seed's after that seed's free AS, and moves no planned run ahead of another or changes its key."""
+    planned = plan(["map"], "cpu", 2)
+    kept = [(e.name, e.key) for e in planned if e.columns["method"] != "asnorm"]
+    new = [e for e in planned if e.columns["method"] == "asnorm"]
+    assert len(new) == 8 and all(e.protocols == ("running", "recalibrated") for e in new)
+    assert all(e.overrides["method"] == "as" and e.overrides["as_layers"] == "normalised" for e in new)
+    assert {e.columns["label"] for e in new} == {"AS, normalised layers"}
+    cpu = SCALES["cpu"]
+    without = dataclasses.replace(cpu.regime_map, methods=("vi", "as", "free"))
+    monkeypatch.setitem(SCALES, "cpu", dataclasses.replace(cpu, regime_map=without))
+    assert kept == [(e.name, e.key) for e in plan(["map"], "cpu", 2)]
+    methods = [e.columns["method"] for e in planned]
+    assert methods[16:32] == 4 * ["free"] + 4 * ["asnorm"] + 4 * ["free"] + 4 * ["asnorm"]
+
+
+def test_gains_compare_each_as_variant_with_vi_seed_by_seed():
+    from asbnn.experiments.map_report import gains, passes_per_step
+
+    def run(method, seed, lowest):
+        columns = {"model": "lenet5", "schedule": "multistep", "init_sigma": 0.15, "method": method, "seed": seed,
+                   "label": reproduce_module.MAP_METHODS[method][0]}
+        result = {"sampled": {"lowest": lowest, "mean": lowest + 0.1, "std": 0.01},
+                  "ensemble": {"accuracy": lowest + 0.2, "nll": 0.5}}
+        return {"exp": reproduce_module.Experiment("x", {}, columns), "evals": {"running": result, "recalibrated": result},
+                "meta": {"train_seconds": 7.0 if method != "vi" else 1.0, "posterior_width": {"conv": 0.5}}}
+
+    runs = [run("vi", 0, 0.6), run("vi", 1, 0.6), run("as", 0, 0.1), run("asnorm", 0, 0.65), run("asnorm", 1, 0.7)]
+    rows = {r["method"]: r for r in gains(runs)}
+    assert set(rows) == {"as", "asnorm"}  # free AS has no runs: no row
+    assert rows["as"]["seeds"] == 1 and rows["as"]["lowest_running"] == pytest.approx(-50)
+    assert rows["asnorm"]["seeds"] == 2 and rows["asnorm"]["lowest_recalibrated"] == pytest.approx(7.5)
+    assert rows["asnorm"]["label"] == "AS, normalised layers" and rows["asnorm"]["cost"] == 7.0
+    config = {"method": "as", "as_steps": 5, "as_variant": "standard", "as_layers": "normalised"}
+    assert passes_per_step(config) == 7

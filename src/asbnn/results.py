@@ -260,6 +260,8 @@ def run_label(cfg: Any) -> str:
     name = {"deterministic": "deterministic", "vi": "VI", "as": "VI + AS", "mc_dropout": "MC dropout"}[cfg.method]
     if cfg.method == "as" and cfg.as_lambda != 0.8:
         name += f" (lambda {cfg.as_lambda:g})"
+    if cfg.method == "as" and cfg.as_layers == "normalised":
+        name += " (normalised layers)"
     if cfg.method == "mc_dropout":
         name += f" (p {cfg.dropout:g})"
     return f"{name} s{cfg.seed}"

@@ -20,7 +20,8 @@ import numpy as np
 from .. import report
 
 PROTOCOLS = {"running": "running statistics", "recalibrated": "recalibrated per sample"}
-MAP_METHOD_ORDER = ("vi", "as", "free", "vi-longer", "deterministic", "ensemble")  # the rows of a cell, in order
+MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "vi-longer", "deterministic", "ensemble")  # a cell's rows, in order
+AS_VARIANTS = ("as", "free", "asnorm")  # compared with the cell's VI at the same epochs
 NETWORKS = ("deterministic", "ensemble")  # deterministic networks: no initial sigma, running statistics only
 
 
@@ -116,11 +117,11 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
     VI's posterior looked like and what AS cost, averaged over the seeds both have."""
     cells: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        if r["exp"].columns["method"] in ("vi", "as", "free"):  # at the same epochs: VI trained longer is not VI
+        if r["exp"].columns["method"] in ("vi", *AS_VARIANTS):  # at the same epochs: VI trained longer is not VI
             cells[_cell_key(r)][r["exp"].columns["method"]].append(r)
     out = []
     for key, by_method in sorted(cells.items()):
-        for method in ("as", "free"):
+        for method in AS_VARIANTS:
             # compare seed with seed: only the seeds both methods have finished
             seeds = ({r["exp"].columns["seed"] for r in by_method.get("vi", [])}
                      & {r["exp"].columns["seed"] for r in by_method.get(method, [])})
@@ -146,7 +147,8 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
 
 
 def passes_per_step(config: dict[str, Any]) -> int:
-    """Forward-backward passes of one training step: VI 1, standard AS N + 2, free AS 2."""
+    """Forward-backward passes of one training step: VI 1, standard AS N + 2 (on normalised layers
+    only too: the mask changes which noise moves, not the passes), free AS 2."""
     if config["method"] != "as":
         return 1
     return 2 if config.get("as_variant") == "free" else config["as_steps"] + 2
@@ -171,13 +173,19 @@ def _cost(run: dict[str, Any]) -> float:
     return members * training_passes(result["config"])
 
 
+#: Cost-plot series of their own within a cell: VI trained longer (a dashed line from the cell's VI), and
+#: AS on normalised layers, a point at AS's cost that would make the cell's line double back on itself.
+_OWN_SERIES = {"vi-longer": ", VI longer", "asnorm": ", AS normalised layers"}
+
+
 def _series_label(key: tuple) -> str:
     """The cost-plot line a row belongs to: its cell's (VI, free AS, AS), the cell's VI trained
-    longer, or its model's deep ensembles (one deterministic network, then 2..M of them)."""
+    longer, the cell's AS on normalised layers, or its model's deep ensembles (one deterministic
+    network, then 2..M of them)."""
     model, _, sigma, method, _ = key
     if method in NETWORKS:
         return f"{model}, deep ensemble"
-    return f"{model}, σ0 {sigma:g}" + (", VI longer" if method == "vi-longer" else "")
+    return f"{model}, σ0 {sigma:g}" + _OWN_SERIES.get(method, "")
 
 
 def cost_series(runs: list[dict], protocol: str, path: tuple[str, ...],
@@ -245,6 +253,9 @@ def _equal_compute_legend(runs: list[dict]) -> str:
                  "panels repeat their running numbers.")
     if not longer and not sizes:
         text += " Deep ensembles and VI trained longer at the same cost have no finished runs here."
+    if any(c["method"] == "asnorm" for c in columns):
+        text += (" AS with its sign steps on normalised layers only costs what AS does (N + 2 passes a step): "
+                 "one point per cell, in a colour of its own.")
     return text
 
 
@@ -259,6 +270,9 @@ def _arm_rows_note(runs: list[dict]) -> str:
                  "evaluated with running statistics only; the recalibrated table repeats those numbers.")
     if "vi-longer" in methods:
         text += " *VI, E epochs*: the cell's VI trained E epochs, lr milestones scaled to them."
+    if "asnorm" in methods:
+        text += (" *AS, normalised layers*: AS whose sign steps move only the noise of BatchNorm layers and of the "
+                 "conv / linear layers feeding straight into one (`as_layers: normalised`), N + 2 passes a step.")
     return text
 
 

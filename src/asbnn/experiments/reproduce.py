@@ -95,7 +95,7 @@ class RegimeMap:
     models: tuple[str, ...]
     init_sigmas: tuple[float, ...]
     schedules: tuple[str, ...]  # multistep (the paper's lr / 10 at 40 / 70 / 90 %) | constant
-    methods: tuple[str, ...] = ("vi", "as", "free")  # free: free AS, 2 passes a step
+    methods: tuple[str, ...] = ("vi", "as", "free")  # keys of MAP_METHODS; free: free AS, 2 passes a step
     base: dict[str, Any] = field(default_factory=dict)
     ood: tuple[str, ...] = ()
     note: str = ""
@@ -110,8 +110,11 @@ class RegimeMap:
                               "VI at the base's epochs is the map's own VI run")
 
 
+#: The map's methods: label and overrides. asnorm: AS whose sign steps move only the noise of normalised
+#: layers (`as_layers`), to test whether LeNet-5's collapse comes from its unnormalised fully connected layers.
 MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
-               "free": ("free AS", {"method": "as", "as_variant": "free"})}
+               "free": ("free AS", {"method": "as", "as_variant": "free"}),
+               "asnorm": ("AS, normalised layers", {"method": "as", "as_layers": "normalised"})}
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,8 @@ SCALES: dict[str, Scale] = {
             "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.05,), schedules=("multistep",),
             base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=3, as_steps=2,
                       lr_milestones=_milestones(2)),
-            ood=("mnist",), ensemble_members=3, longer_epochs=(4,), note="seconds; for tests only"),
+            methods=("vi", "as", "free", "asnorm"), ood=("mnist",), ensemble_members=3, longer_epochs=(4,),
+            note="seconds; for tests only"),
     ),
     "cpu": Scale(
         pairs=(("fashion-mnist", "lenet5"),),
@@ -159,7 +163,7 @@ SCALES: dict[str, Scale] = {
              "full 10,000-image test set, 100 sampled models",
         regime_map=RegimeMap(
             "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.05, 0.15),
-            schedules=("multistep",),
+            schedules=("multistep",), methods=("vi", "as", "free", "asnorm"),
             # Sized to 2 CPU cores: 100 sampled all-conv networks on all 10,000 test images, under two
             # protocols and against MNIST, would take 35 minutes a run; on 2,000 test images 7.
             # amp=True: the default before amp: auto, kept so that runs begun then keep their keys
@@ -171,6 +175,8 @@ SCALES: dict[str, Scale] = {
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
                  "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set; "
+                 "methods VI, AS, free AS and AS with its sign steps on the noise of normalised layers only "
+                 "(BatchNorm and the convolutions feeding one: as_layers normalised); "
                  "at equal training cost beside them, deep ensembles of 2 to 7 deterministic networks of the same "
                  "recipe (evaluated with running statistics) and VI trained 10 and 35 epochs (one seed)"),
     ),
@@ -260,7 +266,7 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
 
     grid = scale.regime_map
     if "map" in wanted and grid is not None:
-        # VI and AS of every cell and seed first (the comparison the map is for), the cheaper variants after
+        # VI and AS of every cell and seed first (the comparison the map is for), the other variants after
         primary = tuple(m for m in grid.methods if m in ("vi", "as"))
         order = [(seed, method, model, schedule, sigma)
                  for methods in (primary, tuple(m for m in grid.methods if m not in primary))
