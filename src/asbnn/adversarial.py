@@ -25,13 +25,12 @@ Which noise the sign steps move (`layers`):
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import copy
-import weakref
 
 import torch
 import torch.nn.functional as F
