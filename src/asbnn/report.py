@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -52,6 +53,8 @@ _STYLE = {
     "legend.frameon": False,
     "lines.linewidth": 1.5,
 }
+#: Marker shapes, in turn, for series once the palette's colours are used up.
+MARKERS = ("o", "s", "^", "D", "v")
 LEGEND_INSIDE_MAX = 6  # labels a legend may have inside a panel of plot_scatter_panels
 _registry: dict[str, str] = {}  # label -> colour, for the whole process
 _NUMERIC_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?( ?± ?\d+\.?\d*)? ?%?$", re.IGNORECASE)
@@ -368,7 +371,10 @@ def plot_scatter_panels(
     _require(panels, "plot_scatter_panels")
     companions = companions or {}
     labels = sorted({label for series in panels.values() for label in series})
-    colours = _colours(sorted({companions.get(label, label) for label in labels}))
+    subjects = sorted({companions.get(label, label) for label in labels})
+    colours = _colours(subjects)
+    # more subjects than colours: the ones past the palette get other marker shapes too
+    markers = {s: MARKERS[i // len(PALETTE) % len(MARKERS)] for i, s in enumerate(subjects)}
     fig = _figure(ncols=len(panels), width=4.0, height=3.1)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, series) in zip(axes, panels.items()):
@@ -380,10 +386,12 @@ def plot_scatter_panels(
                 raise ConfigError(f"{label!r}: {x.size} x values for {y.size} y values")
             order = np.argsort(x, kind="stable")
             line = ("--" if label in companions else "-") if connect else "none"
-            ax.plot(x[order], y[order], color=colours[companions.get(label, label)], label=label, marker="o",
+            subject = companions.get(label, label)
+            ax.plot(x[order], y[order], color=colours[subject], label=label, marker=markers[subject],
                     markersize=4, linestyle=line, linewidth=1.0)
         if log_x:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if len(labels) > LEGEND_INSIDE_MAX:  # beside the panels: inside, it would hide the data
         fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper")
