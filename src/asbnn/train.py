@@ -198,14 +198,17 @@ def train_epoch(
 
 def run_precision(cfg: TrainConfig, net: nn.Module, info: DatasetInfo, device: torch.device,
                   ranks: Ranks) -> Precision:
-    """What a new run's steps compute in (`hardware.choose_precision`); with several ranks, bf16
-    only if every rank chose it, so that all of them step alike."""
+    """What a new run's steps compute in (`hardware.choose_precision`). With several ranks, rank 0
+    alone decides (and measures, and caches the measurement) and the others take its decision:
+    ranks measuring side by side on one loaded machine can disagree, and their cache writes would
+    then leave a decision that a later run (a resume, a repeat) does not share with this one."""
     workload = Workload(cfg.model, (info.channels, info.image_size, info.image_size),
                         -(-cfg.batch_size // ranks.world), cfg.bayesian, "train", cfg.channels_last)
-    precision = choose_precision(device, cfg.amp, workload, net)
-    if ranks.world > 1 and reduce(torch.tensor(float(precision == "fp32"), device=device), ranks, "max") > 0:
-        return "fp32"
-    return precision
+    if ranks.world == 1:
+        return choose_precision(device, cfg.amp, workload, net)
+    mine = choose_precision(device, cfg.amp, workload, net) if ranks.is_main else "fp32"
+    chosen = reduce(torch.tensor(float(mine == "bf16"), device=device), ranks, "max")  # rank 0's alone counts
+    return "bf16" if chosen > 0 else "fp32"
 
 
 def _check_finite(first_bad: Tensor, epoch: int) -> None:
