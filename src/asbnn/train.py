@@ -29,7 +29,8 @@ from .distributed import Ranks, average_gradients, barrier, reduce, shard
 from .errors import AsbnnError, ConfigError
 from .fileio import append_jsonl
 from .hardware import (
-    Precision, Workload, autocast, choose_precision, require_compiler, resolve_device, use_deterministic_kernels,
+    Precision, Workload, autocast, bf16_native, choose_precision, require_compiler, resolve_device,
+    use_deterministic_kernels,
 )
 from .runfolder import (
     CHECKPOINT, LOG, checkpoint_state, deterministic_weights, remove_leftovers, restoring, resume_state, run_files,
@@ -199,16 +200,21 @@ def train_epoch(
 def run_precision(cfg: TrainConfig, net: nn.Module, info: DatasetInfo, device: torch.device,
                   ranks: Ranks) -> Precision:
     """What a new run's steps compute in (`hardware.choose_precision`). With several ranks, rank 0
-    alone decides (and measures, and caches the measurement) and the others take its decision:
-    ranks measuring side by side on one loaded machine can disagree, and their cache writes would
-    then leave a decision that a later run (a resume, a repeat) does not share with this one."""
+    alone measures (and caches the measurement), the others only say whether their device has
+    native bf16, and bf16 is used only if rank 0 chose it and every rank has it: ranks measuring
+    side by side on one loaded machine could disagree, and their cache writes would then leave a
+    decision that a later run (a resume, a repeat) does not share with this one."""
     workload = Workload(cfg.model, (info.channels, info.image_size, info.image_size),
                         -(-cfg.batch_size // ranks.world), cfg.bayesian, "train", cfg.channels_last)
     if ranks.world == 1:
         return choose_precision(device, cfg.amp, workload, net)
-    mine = choose_precision(device, cfg.amp, workload, net) if ranks.is_main else "fp32"
-    chosen = reduce(torch.tensor(float(mine == "bf16"), device=device), ranks, "max")  # rank 0's alone counts
-    return "bf16" if chosen > 0 else "fp32"
+    if ranks.is_main:
+        mine = choose_precision(device, cfg.amp, workload, net)
+    else:
+        mine = "bf16" if cfg.amp is not False and bf16_native(device) else "fp32"
+    if reduce(torch.tensor(float(mine == "fp32"), device=device), ranks, "max") > 0:
+        return "fp32"
+    return "bf16"
 
 
 def _check_finite(first_bad: Tensor, epoch: int) -> None:
