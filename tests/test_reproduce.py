@@ -88,6 +88,29 @@ def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, 
         reproduce(["map"], "full", tmp_path)
 
 
+def test_a_resumed_worker_reuses_the_evaluations_a_killed_one_finished(shared_data, tmp_path, monkeypatch):
+    exp = next(e for e in plan(["map"], "smoke") if e.columns["method"] == "vi" and e.columns["model"] == "lenet5")
+    assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)
+    run = run_dir(tmp_path, exp) / "run"
+    running = json.loads((run / "eval" / "eval.json").read_text())
+    evaluated = []
+    real = reproduce_module.evaluate_run
+    monkeypatch.setattr(reproduce_module, "evaluate_run",
+                        lambda *a, **kw: evaluated.append(kw["bn_recalibrate"]) or real(*a, **kw))
+    # killed while it wrote the recalibrated evaluation's plots: eval.json there, eval.md not yet
+    (run_dir(tmp_path, exp) / "done.json").unlink()
+    (run / "eval-recalibrated" / "eval.md").unlink()
+    assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)
+    assert evaluated == [True]  # only the unfinished protocol again
+    meta = json.loads((run_dir(tmp_path, exp) / "done.json").read_text())
+    assert meta["eval_seconds"]["running"] == running["timing"]["seconds"]
+    # an evaluation older than the checkpoint is of another network: made again
+    (run_dir(tmp_path, exp) / "done.json").unlink()
+    os.utime(run / "eval" / "eval.json", (1, 1))
+    assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)
+    assert evaluated == [True, False]
+
+
 def test_run_keys_follow_the_config_and_results_version_not_the_source(monkeypatch):
     before = {e.name: e.key for e in plan(["table1"], "smoke")}
     monkeypatch.setattr(reproduce_module, "code_fingerprint", lambda: "moved-code")

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..fileio import atomic_write_text, read_jsonl
 from ..posterior import Posterior
 from ..results import evaluate_ensemble, evaluate_run
-from ..runfolder import LOG, load_run
+from ..runfolder import CHECKPOINT, LOG, load_run
 from ..train import train
 from .reproduce_report import write_report
 
@@ -443,8 +443,9 @@ def _train_and_evaluate(out: Path, exp: Experiment, data_root: str | None, devic
     cfg = make_config(overrides=overrides)
     train_dir = run_dir(out, exp) / "run"
     train(cfg, train_dir, resume=True, progress=progress)  # a killed worker's run goes on
-    results = {protocol: evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
-                                      ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
+    results = {protocol: _finished_evaluation(train_dir, protocol, cfg.eval_samples, exp.ood)
+               or evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
+                               ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
                for protocol in exp.protocols}
     log = read_jsonl(train_dir / LOG)
     return {
@@ -454,6 +455,23 @@ def _train_and_evaluate(out: Path, exp: Experiment, data_root: str | None, devic
         "posterior_width": posterior_width(train_dir),
         "command": f"asbnn train {train_dir / 'config.yaml'} --out {train_dir} --resume",
     }
+
+
+def _finished_evaluation(train_dir: Path, protocol: str, num_samples: int,
+                         ood: tuple[str, ...]) -> dict[str, Any] | None:
+    """The evaluation a killed worker finished before it died (its eval.md, written last, is there, and
+    it is newer than the final checkpoint and asked for the same samples and OOD sets), so that a
+    resumed worker does not repeat half an hour of sampling; None if there is none to reuse."""
+    folder = train_dir / ("eval-recalibrated" if protocol == "recalibrated" else "eval")
+    summary, numbers, checkpoint = folder / "eval.md", folder / "eval.json", train_dir / CHECKPOINT
+    if not (summary.exists() and numbers.exists() and checkpoint.exists()):
+        return None
+    if numbers.stat().st_mtime < checkpoint.stat().st_mtime:
+        return None
+    result = json.loads(numbers.read_text())
+    same = (result.get("num_samples") == num_samples and sorted(result.get("ood") or {}) == sorted(ood)
+            and ("recalibration" in result.get("protocol", {})) == (protocol == "recalibrated"))
+    return result if same else None
 
 
 def _evaluate_ensemble(out: Path, exp: Experiment, data_root: str | None, device: str,
