@@ -245,7 +245,7 @@ def test_folded_batchnorm_computes_what_the_network_does(model):
             m.running_mean.normal_(0, 0.2)
             m.running_var.uniform_(0.5, 2.0)
     network = folded(posterior)
-    assert network is not None and network.pairs  # every BatchNorm here follows a convolution
+    assert network is not None and network.pairs and network.fused  # every BatchNorm here follows a convolution
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in network.graph.modules())
     x, eps = torch.randn(4, 3, 32, 32), posterior.sample_eps()
     with torch.no_grad():

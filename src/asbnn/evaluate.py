@@ -35,6 +35,7 @@ from .bn_recalibration import recalibrated
 from .data import DeviceLoader
 from .dropout import MCDropout
 from .errors import ConfigError
+from .fusion import fuse_conv_relu
 from .hardware import autocast
 from .posterior import Posterior
 
@@ -50,6 +51,10 @@ COVERAGES = (0.2, 0.4, 0.6, 0.8)
 # margin error and 6x the largest margin that flipped; it rechecks 31 % and 7 % of the pairs there
 # (the weak ResNet-20's logits are flat: many near-ties). Logit errors grow with the logits' size:
 # a network with much larger logits near its ties may need a larger `tau` (measure it with that script).
+# On a real posterior (the mid scale's VI ResNet-20, 10 networks x 10,000 images, conv + ReLU fused)
+# the margin error reached 0.167 and a class flipped at a bf16 margin of 0.078: a thinner safety
+# factor (1.2x), yet every sampled accuracy came out exact; a pair the margin misses moves one
+# network's accuracy by one image (0.01 point at 10,000 images).
 RECHECK_MARGIN = 0.2
 
 
@@ -90,6 +95,8 @@ class FoldedNetwork:
 
     The graph is traced once (torch.fx); `weights` folds each sampled network's weights, and the
     BatchNorm statistics of that moment (recalibrated ones too), in a few small tensor operations.
+    Each convolution followed by a ReLU (after a residual addition or not) then runs as one oneDNN
+    call on CPUs (`fusion`): another 1.3x.
     """
 
     def __init__(self, posterior: Posterior) -> None:
@@ -110,6 +117,7 @@ class FoldedNetwork:
                     modules[conv.target].register_buffer("bias", torch.empty(0), persistent=False)
         graph.delete_all_unused_submodules()
         graph.recompile()
+        self.fused = fuse_conv_relu(graph)  # after the pruning: fused convolutions are read by name only
         self.graph = graph
         self.names = [n for n, _ in graph.named_parameters()] + [n for n, _ in graph.named_buffers()]
 
