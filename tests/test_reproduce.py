@@ -109,6 +109,12 @@ def test_a_resumed_worker_reuses_the_evaluations_a_killed_one_finished(shared_da
     os.utime(run / "eval" / "eval.json", (1, 1))
     assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)
     assert evaluated == [True, False]
+    # a scale that evaluates fast (eval --amp) makes again what the exact evaluation made
+    (run_dir(tmp_path, exp) / "done.json").unlink()
+    assert run_experiment(tmp_path, dataclasses.replace(exp, fast_eval=True), "smoke", str(shared_data), "cpu",
+                          progress=False)
+    assert evaluated == [True, False, False, True]
+    assert json.loads((run / "eval" / "eval.json").read_text())["timing"]["fast"] is True
 
 
 def test_run_keys_follow_the_config_and_results_version_not_the_source(monkeypatch):

@@ -92,7 +92,7 @@ def evaluate_run(
                 if recal else {"batchnorm": "running statistics"})
     head = {"run": str(run_dir), "config": cfg.to_dict(), "protocol": protocol}
     result = _evaluate(predict, head, cfg, info, dev, out, label=run_label(cfg), log=read_jsonl(run_dir / LOG),
-                       mode=mode, precision="bf16" if amp else "fp32", seed=seed, ood=ood, save_probs=save_probs,
+                       mode=mode, precision="bf16" if amp else "fp32", fast=fast, seed=seed, ood=ood, save_probs=save_probs,
                        calibrate=calibrate, shift=shift, shift_samples=shift_samples, shift_subset=shift_subset,
                        progress=progress)
     if cfg.tensorboard:
@@ -128,7 +128,7 @@ def evaluate_ensemble(
     names = [str(checkpoint_path(run).parent) for run in runs]
     check_members(cfgs, names)
     cfg, info = cfgs[0], loaded[0][2]
-    amp = eval_in_bf16(dev, amp, cfg, info, nets[0], channels_last=cfg.channels_last)
+    fast, amp = amp, eval_in_bf16(dev, amp, cfg, info, nets[0], channels_last=cfg.channels_last)
     locate_data(cfg, data, data_root)
     out_dir = Path(out) if out else Path("runs") / f"ensemble-{cfg.dataset}-{cfg.model}-x{len(runs)}"
 
@@ -138,7 +138,7 @@ def evaluate_ensemble(
     head = {"run": str(out_dir), "method": "deep_ensemble", "members": names, "config": cfg.to_dict(),
             "protocol": {"batchnorm": "running statistics", "ensemble": f"{len(nets)} deterministic runs"}}
     return _evaluate(predict, head, cfg, info, dev, out_dir / "eval", label=result_label(head), log=[],
-                     mode="members", precision="bf16" if amp else "fp32", seed=seed, ood=ood, save_probs=save_probs,
+                     mode="members", precision="bf16" if amp else "fp32", fast=fast, seed=seed, ood=ood, save_probs=save_probs,
                      calibrate=calibrate, shift=shift, shift_samples=shift_samples, shift_subset=shift_subset,
                      progress=progress)
 
@@ -153,7 +153,8 @@ def eval_in_bf16(dev: torch.device, amp: bool, cfg: TrainConfig, info: DatasetIn
 
 
 def _evaluate(predict: Callable[..., Predictions], head: dict[str, Any], cfg: TrainConfig, info: DatasetInfo,
-              dev: torch.device, out: Path, *, label: str, log: list[dict], mode: str, precision: str, seed: int,
+              dev: torch.device, out: Path, *, label: str, log: list[dict], mode: str, precision: str, fast: bool,
+              seed: int,
               ood: list[str] | None, save_probs: bool, calibrate: bool, shift: bool, shift_samples: int,
               shift_subset: int, progress: bool) -> dict[str, Any]:
     """What `evaluate_run` and `evaluate_ensemble` share: every number and file of an evaluation,
@@ -165,7 +166,7 @@ def _evaluate(predict: Callable[..., Predictions], head: dict[str, Any], cfg: Tr
     out.mkdir(parents=True, exist_ok=True)
     pred, seconds = timed(lambda: predict(test, keep_probs=save_probs))
     result = {**head, **summarize(pred),
-              "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": precision}}
+              "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": precision, "fast": fast}}
     kept: dict[str, Predictions] = {"probs": pred}
     ood_scores = {}
     for name, loader in ood_loaders.items():

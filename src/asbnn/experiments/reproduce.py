@@ -134,6 +134,11 @@ class Scale:
     one_pretrained: bool = False
     protocols: tuple[str, ...] = ("running",)
     ood: tuple[str, ...] = ()
+    # evaluate with `asbnn eval --amp` (bf16 where it pays, each sampled network's near-ties
+    # rechecked in fp32: sampled accuracies exact, other metrics within 0.1 point; docs/benchmarks.md)
+    # instead of the exact fp32 loop. Not in the run keys: it is how a run is evaluated, recorded in
+    # each eval.json (timing.fast), and a finished evaluation is reused only if made the same way.
+    fast_eval: bool = False
 
 
 def _milestones(epochs: int) -> list[int]:
@@ -187,12 +192,12 @@ SCALES: dict[str, Scale] = {
         pretrain=dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", epochs=30,
                       batch_size=128, test_subset=2000, amp=True),
         finetune_methods=("vi", "as", "free"), one_pretrained=True,
-        protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",),
+        protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",), fast_eval=True,
         note="the paper's Table 2 protocol on 2 CPU cores: a deterministic ResNet-20 trained on CIFAR-10 (SGD lr 0.1, "
              "momentum 0.9, weight decay 5e-4, cosine, 30 epochs, batch 128), then VI, AS and free AS fine-tunes of "
              "3 epochs each from it (Adam lr 0.001, cosine, init sigma 0.05), every seed from the same network; "
              "100 sampled models on a fixed 2,000-image subset of the test set under both BatchNorm protocols, "
-             "2,000 Tiny ImageNet validation images as the OOD set",
+             "2,000 Tiny ImageNet validation images as the OOD set; evaluated with the fast evaluation (eval --amp)",
     ),
     "full": Scale(
         pairs=tuple((d, m) for d in ("cifar10", "cifar100") for m in ("resnet20", "resnet56", "vgg16_bn")),
@@ -215,6 +220,7 @@ class Experiment:
     protocols: tuple[str, ...] = ("running",)  # BatchNorm protocols of its evaluation; "recalibrated" too
     ood: tuple[str, ...] = ()
     members: tuple[Experiment, ...] = ()  # a deep ensemble of these runs' networks: evaluated, not trained
+    fast_eval: bool = False  # the scale's `fast_eval`: evaluated as `asbnn eval --amp` does
 
 
 #: Raised by hand whenever a change is meant to change results (what a run of a given config computes).
@@ -257,7 +263,7 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
             protocols: tuple[str, ...] = ("running",), ood: tuple[str, ...] = (),
             members: tuple[Experiment, ...] = ()) -> Experiment:
         exp = Experiment(name, {**(scale.base if base is None else base), **overrides}, columns, init_from,
-                         protocols=protocols, ood=ood, members=members)
+                         protocols=protocols, ood=ood, members=members, fast_eval=scale.fast_eval)
         exp.key = _key(exp)
         exp = experiments.setdefault(exp.key, exp)
         exp.tables.add(table)
@@ -443,9 +449,9 @@ def _train_and_evaluate(out: Path, exp: Experiment, data_root: str | None, devic
     cfg = make_config(overrides=overrides)
     train_dir = run_dir(out, exp) / "run"
     train(cfg, train_dir, resume=True, progress=progress)  # a killed worker's run goes on
-    results = {protocol: _finished_evaluation(train_dir, protocol, cfg.eval_samples, exp.ood)
+    results = {protocol: _finished_evaluation(train_dir, protocol, cfg.eval_samples, exp.ood, exp.fast_eval)
                or evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
-                               ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated")
+                               ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated", amp=exp.fast_eval)
                for protocol in exp.protocols}
     log = read_jsonl(train_dir / LOG)
     return {
@@ -457,11 +463,11 @@ def _train_and_evaluate(out: Path, exp: Experiment, data_root: str | None, devic
     }
 
 
-def _finished_evaluation(train_dir: Path, protocol: str, num_samples: int,
-                         ood: tuple[str, ...]) -> dict[str, Any] | None:
+def _finished_evaluation(train_dir: Path, protocol: str, num_samples: int, ood: tuple[str, ...],
+                         fast: bool) -> dict[str, Any] | None:
     """The evaluation a killed worker finished before it died (its eval.md, written last, is there, and
-    it is newer than the final checkpoint and asked for the same samples and OOD sets), so that a
-    resumed worker does not repeat half an hour of sampling; None if there is none to reuse."""
+    it is newer than the final checkpoint and made the same way: samples, OOD sets, fast or exact), so
+    that a resumed worker does not repeat half an hour of sampling; None if there is none to reuse."""
     folder = train_dir / ("eval-recalibrated" if protocol == "recalibrated" else "eval")
     summary, numbers, checkpoint = folder / "eval.md", folder / "eval.json", train_dir / CHECKPOINT
     if not (summary.exists() and numbers.exists() and checkpoint.exists()):
@@ -470,7 +476,8 @@ def _finished_evaluation(train_dir: Path, protocol: str, num_samples: int,
         return None
     result = json.loads(numbers.read_text())
     same = (result.get("num_samples") == num_samples and sorted(result.get("ood") or {}) == sorted(ood)
-            and ("recalibration" in result.get("protocol", {})) == (protocol == "recalibrated"))
+            and ("recalibration" in result.get("protocol", {})) == (protocol == "recalibrated")
+            and result.get("timing", {}).get("fast", False) == fast)
     return result if same else None
 
 
