@@ -125,9 +125,10 @@ _WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Lin
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
-def _feeds_only_batchnorm(node: torch.fx.Node, model: nn.Module) -> bool:
+def feeds_only_batchnorm(node: torch.fx.Node, model: nn.Module) -> bool:
     """Whether the output of `node` goes into one BatchNorm call as its sole input, and nowhere else
-    (a residual branch or a second reader would see the shift before it is normalised away)."""
+    (a residual branch or a second reader would see the shift before it is normalised away). Also
+    what `evaluate.FoldedNetwork` folds: a convolution whose output only a BatchNorm reads."""
     if len(node.users) != 1:
         return False
     (user,) = node.users
@@ -150,7 +151,7 @@ def _normalised_modules(model: nn.Module) -> set[int]:
             continue
         module = model.get_submodule(str(node.target))
         if isinstance(module, (_BATCHNORM, *_WEIGHTED_LAYERS)):
-            normalised = isinstance(module, _BATCHNORM) or _feeds_only_batchnorm(node, model)
+            normalised = isinstance(module, _BATCHNORM) or feeds_only_batchnorm(node, model)
             verdicts.setdefault(id(module), []).append(normalised)
     return {key for key, flags in verdicts.items() if all(flags)}
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from . import metrics, streams
+from .adversarial import feeds_only_batchnorm
 from .bn_recalibration import recalibrated
 from .data import DeviceLoader
 from .dropout import MCDropout
@@ -105,16 +106,19 @@ class FoldedNetwork:
         modules = dict(graph.named_modules())
         self.pairs: dict[str, tuple[str, float]] = {}  # convolution -> (its BatchNorm, that one's eps)
         for node in list(graph.graph.nodes):
-            bn, conv = modules.get(node.target), node.args[0] if node.args else None
-            if (node.op == "call_module" and isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
-                    and isinstance(conv, torch.fx.Node) and conv.op == "call_module" and len(conv.users) == 1
-                    and isinstance(modules[conv.target], nn.modules.conv._ConvNd) and len(node.args) == 1):
-                node.replace_all_uses_with(conv)
-                graph.graph.erase_node(node)
-                self.pairs[conv.target] = (node.target, bn.eps)
-                if modules[conv.target].bias is None:  # a slot for the folded bias
-                    del modules[conv.target]._parameters["bias"]
-                    modules[conv.target].register_buffer("bias", torch.empty(0), persistent=False)
+            conv = modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(conv, nn.modules.conv._ConvNd) or not feeds_only_batchnorm(node, graph):
+                continue
+            (norm,) = node.users
+            bn = modules[norm.target]
+            if bn.running_mean is None:  # batch statistics even in eval mode: nothing fixed to fold
+                continue
+            norm.replace_all_uses_with(node)
+            graph.graph.erase_node(norm)
+            self.pairs[node.target] = (norm.target, bn.eps)
+            if conv.bias is None:  # a slot for the folded bias
+                del conv._parameters["bias"]
+                conv.register_buffer("bias", torch.empty(0), persistent=False)
         graph.delete_all_unused_submodules()
         graph.recompile()
         self.fused = fuse_conv_relu(graph)  # after the pruning: fused convolutions are read by name only
