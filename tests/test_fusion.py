@@ -55,16 +55,24 @@ def test_rewrites_each_conv_relu_and_computes_the_same(monkeypatch):
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_the_fused_call_is_the_plain_one_in_each_dtype(residual):
+@pytest.mark.parametrize("groups, stride, dilation", [(1, 1, 1), (3, 2, 1), (6, 1, 2)])
+def test_the_fused_call_is_the_plain_one_in_each_dtype(residual, groups, stride, dilation):
     torch.manual_seed(1)
     x = torch.randn(4, 6, 9, 9).contiguous(memory_format=torch.channels_last)  # the layout it fuses
-    w, b = torch.randn(6, 6, 3, 3), torch.randn(6)
-    r = torch.randn(4, 6, 9, 9) if residual else None
-    plain = F.relu(F.conv2d(x, w, b, 1, 1) + (r if residual else 0))
-    assert _fusable(x, w, (1, 1), (1, 1), (1, 1), r)  # oneDNN's call, not the fallback
-    assert not _fusable(x.contiguous(), w, (1, 1), (1, 1), (1, 1), r)
-    fused = conv_relu(x, w, b, (1, 1), (1, 1), (1, 1), 1, r)
+    w, b = torch.randn(6, 6 // groups, 3, 3), torch.randn(6)
+    args = ((stride, stride), (dilation, dilation), (dilation, dilation), groups)
+    conv = F.conv2d(x, w, b, args[0], args[1], args[2], groups)
+    r = torch.randn_like(conv) if residual else None
+    plain = F.relu(conv + (r if residual else 0))
+    assert _fusable(x, w, *args, r) == (groups == 1 or not residual)  # oneDNN's call, else the fallback
+    assert not _fusable(x.contiguous(), w, *args, r)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 residual under autocast: plain ops (promotion)
+        assert _fusable(x, w, *args, r) == (not residual)
+        assert _fusable(x, w, *args, r if r is None else r.bfloat16()) == (groups == 1 or not residual)
+    fused = conv_relu(x, w, b, *args[:3], groups, r)
     assert torch.allclose(fused, plain, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = conv_relu(x, w, b, (1, 1), (1, 1), (1, 1), 1, r)
-    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), plain, atol=0.1, rtol=0.02)
+        low = conv_relu(x, w, b, *args[:3], groups, r)
+        plain_low = F.relu(F.conv2d(x, w, b, args[0], args[1], args[2], groups) + (r if residual else 0))
+    assert low.dtype == plain_low.dtype  # bf16, or fp32 where the plain addition promotes an fp32 residual
+    assert torch.allclose(low.float(), plain, atol=0.1, rtol=0.02)

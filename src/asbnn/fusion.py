@@ -7,8 +7,8 @@ CPU; oneDNN applies them to each output tile while it is in cache (a "post-op").
 convolution + addition + ReLU 8.2 -> 4.9 ms (docs/benchmarks.md).
 
 `fuse_conv_relu` rewrites a traced graph; the fused node falls back to the plain operations where
-oneDNN cannot run it (not a CPU, a PyTorch built without it, NCHW batches, shapes the post-op does
-not take), so
+oneDNN cannot run it (not a CPU, a PyTorch built without it, NCHW batches, a grouped convolution
+with a residual, shapes the post-op does not take), so
 the rewritten graph computes the same function everywhere. In fp32 the fused call's numbers differ
 from the plain ones in the last bits (the addition happens inside the convolution's output tile).
 """
@@ -31,7 +31,7 @@ def conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int,
               residual: Tensor | None = None) -> Tensor:
     """relu(conv2d(x) + residual), or relu(conv2d(x)) without a residual; in one oneDNN call where it
     can run, in the autocast dtype if autocast is on (the oneDNN op is not in autocast's lists)."""
-    if not _fusable(x, weight, stride, padding, dilation, residual):
+    if not _fusable(x, weight, stride, padding, dilation, groups, residual):
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return F.relu(out if residual is None else out + residual)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
@@ -52,18 +52,20 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _fusable(x: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
-             dilation: tuple[int, ...], residual: Tensor | None) -> bool:
+             dilation: tuple[int, ...], groups: int, residual: Tensor | None) -> bool:
     if x.device.type != "cpu" or not (_ONEDNN_OPS and torch.backends.mkldnn.is_available()) or x.dim() != 4:
         return False
     if _memory_format(x) is not torch.channels_last:  # NCHW bf16 with a residual fails inside PyTorch 2.13
         return False
-    if torch.is_autocast_enabled("cpu"):
-        if torch.get_autocast_dtype("cpu") not in (torch.float32, torch.bfloat16):
-            return False
-    elif x.dtype not in (torch.float32, torch.bfloat16):
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
         return False
     if residual is None:
         return True
+    if groups != 1:  # grouped convolution + residual in bf16 fails inside PyTorch 2.13 (add_relu)
+        return False
+    if residual.dtype != dtype:  # the plain addition would promote to the wider dtype
+        return False
     size = [x.shape[0], weight.shape[0]] + [
         (n + 2 * p - d * (k - 1) - 1) // s + 1
         for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
