@@ -8,7 +8,8 @@ Everything is accumulated in one pass over the sampled logits with memory O(N * 
 Samples are evaluated several at a time with `torch.func.vmap` over stacked eps ("batched"), or
 one after another ("loop"); both give the same numbers, the faster one depends on the device.
 The fast evaluation (`fast`, with bf16 where it pays: `asbnn eval --amp`) folds BatchNorm into the
-convolutions, feeds NHWC batches and forms each sampled network's weights once, not once per batch:
+convolutions, runs each convolution with its residual addition and ReLU as one oneDNN call on CPUs
+(`fusion`), feeds NHWC batches and forms each sampled network's weights once, not once per batch:
 in fp32 its numbers differ from the exact ones in the last bits. In bf16, every (network, input)
 pair whose top two logits are closer than `RECHECK_MARGIN` is recomputed in fp32 (`recheck_near_ties`),
 so each sampled network predicts the fp32 class: the per-sample accuracies and the posterior mean's
