@@ -96,7 +96,7 @@ def test_a_resumed_worker_reuses_the_evaluations_a_killed_one_finished(shared_da
     evaluated = []
     real = reproduce_module.evaluate_run
     monkeypatch.setattr(reproduce_module, "evaluate_run",
-                        lambda *a, **kw: evaluated.append(kw["bn_recalibrate"]) or real(*a, **kw))
+                        lambda *a, **kw: evaluated.append(kw.get("bn_recalibrate", False)) or real(*a, **kw))
     # killed while it wrote the recalibrated evaluation's plots: eval.json there, eval.md not yet
     (run_dir(tmp_path, exp) / "done.json").unlink()
     (run / "eval-recalibrated" / "eval.md").unlink()
@@ -115,6 +115,13 @@ def test_a_resumed_worker_reuses_the_evaluations_a_killed_one_finished(shared_da
                           progress=False)
     assert evaluated == [True, False, False, True]
     assert json.loads((run / "eval" / "eval.json").read_text())["timing"]["fast"] is True
+    # an evaluation of other sampled networks (a user's `asbnn eval --seed 1` in the run folder) is not reused
+    reproduce_module.evaluate_run(run, num_samples=exp.overrides["eval_samples"], seed=1, ood=["mnist"], amp=True,
+                                  device="cpu", progress=False)
+    (run_dir(tmp_path, exp) / "done.json").unlink()
+    assert run_experiment(tmp_path, dataclasses.replace(exp, fast_eval=True), "smoke", str(shared_data), "cpu",
+                          progress=False)
+    assert evaluated == [True, False, False, True, False, False]  # the user's call, then the running protocol again
 
 
 def test_run_keys_follow_the_config_and_results_version_not_the_source(monkeypatch):

@@ -165,7 +165,7 @@ def _evaluate(predict: Callable[..., Predictions], head: dict[str, Any], cfg: Tr
     ood_loaders = {name: _ood_loader(name, cfg, info, dev) for name in ood or []}  # all read before any work
     out.mkdir(parents=True, exist_ok=True)
     pred, seconds = timed(lambda: predict(test, keep_probs=save_probs))
-    result = {**head, **summarize(pred),
+    result = {**head, "eval_seed": seed, **summarize(pred),  # eval_seed: which eps the sampled networks are
               "timing": {"seconds": seconds, "mode": mode, "device": str(dev), "precision": precision, "fast": fast}}
     kept: dict[str, Predictions] = {"probs": pred}
     ood_scores = {}

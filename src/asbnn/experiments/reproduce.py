@@ -10,6 +10,7 @@ host is taken over. `report.md` is rewritten from whatever has finished.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..bn_recalibration import Recalibration
 from ..config import TrainConfig, make_config
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, read_jsonl
@@ -475,8 +477,10 @@ def _finished_evaluation(train_dir: Path, protocol: str, num_samples: int, ood: 
     if numbers.stat().st_mtime < checkpoint.stat().st_mtime:
         return None
     result = json.loads(numbers.read_text())
+    recalibration = result.get("protocol", {}).get("recalibration")
     same = (result.get("num_samples") == num_samples and sorted(result.get("ood") or {}) == sorted(ood)
-            and ("recalibration" in result.get("protocol", {})) == (protocol == "recalibrated")
+            and result.get("eval_seed", 0) == 0  # (eval.json before eval_seed: the seed was always 0 here)
+            and recalibration == (dataclasses.asdict(Recalibration()) if protocol == "recalibrated" else None)
             and result.get("timing", {}).get("fast", False) == fast)
     return result if same else None
 
