@@ -88,6 +88,7 @@ def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, 
         reproduce(["map"], "full", tmp_path)
 
 
+@pytest.mark.slow  # trains a smoke run and evaluates it five times
 def test_a_resumed_worker_reuses_the_evaluations_a_killed_one_finished(shared_data, tmp_path, monkeypatch):
     exp = next(e for e in plan(["map"], "smoke") if e.columns["method"] == "vi" and e.columns["model"] == "lenet5")
     assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)
