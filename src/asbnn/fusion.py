@@ -92,7 +92,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 def fuse_conv_relu(module: fx.GraphModule) -> int:
     """Rewrite every Conv2d whose only use is a ReLU, or an addition whose only use is a ReLU, into
     one `conv_relu` node (its weight and bias read by name, so `functional_call` can swap them);
-    the number of convolutions fused."""
+    the number of convolutions fused. For inference only: oneDNN's fused op has no gradient."""
     modules = dict(module.named_modules())
     graph = module.graph
     fused = 0
