@@ -77,6 +77,11 @@ def _group(runs: list[dict], *keys: str) -> list[tuple[tuple, list[dict]]]:
     return sorted(groups.items(), key=lambda kv: tuple(getattr(v, "label", v) for v in kv[0]))
 
 
+def _paper_method(variant: Any) -> str:
+    """The paper's row a variant sits beside: its VI or AS; free AS is not in the paper."""
+    return "free AS" if variant.free else variant.method
+
+
 def _paper_cell(paper: dict, table: str, dataset: str, model: str, method: str, metric: str) -> str:
     value = paper.get((table, dataset, model, method, metric))
     return f"{value[0]:.2f} ± {value[1]:.2f}" if value else "–"
@@ -88,7 +93,7 @@ def _accuracy_table(runs: list[dict], table: str, paper: dict, metrics: tuple[st
         row: list[Any] = [dataset, model, variant.label, len(group)]
         for metric in metrics:
             row.append(report.mean_std(_values(group, metric)))
-            row.append(_paper_cell(paper, table, dataset, model, variant.method, metric))
+            row.append(_paper_cell(paper, table, dataset, model, _paper_method(variant), metric))
         rows.append(row)
     headers = ["data", "model", "variant", "seeds"]
     for metric in metrics:
@@ -116,7 +121,7 @@ def _gain_table(runs: list[dict], table: str, paper: dict, metrics: tuple[str, .
             row: list[Any] = [dataset, model, variant.label]
             for metric in metrics:
                 ours = np.mean(_values(as_runs, metric)) - np.mean(_values(vi_runs, metric))
-                row += [f"{ours:+.2f}", f"{paper_gain[metric]:+.2f}"]
+                row += [f"{ours:+.2f}", "–" if variant.free else f"{paper_gain[metric]:+.2f}"]
             rows.append(row)
     headers = ["data", "model", "AS variant (vs VI, same init)"]
     for metric in metrics:
