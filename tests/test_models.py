@@ -6,20 +6,17 @@ from torch.func import functional_call, vmap
 from asbnn.errors import ConfigError
 from asbnn.models import create_model, list_models, register_model
 
-# (name, in_channels, input size) for every shape/functional test
+# (name, in_channels, input size) for every shape/functional test; the deep ResNets (the same code
+# as resnet20, more blocks) only in the full suite
+_DEEP = ("resnet56", "resnet110")
 CASES = [
-    ("allconv", 1, 28),
-    ("allconv", 3, 32),
-    ("lenet5", 1, 28),
-    ("lenet5", 3, 32),
-    ("resnet20", 3, 32),
-    ("resnet32", 3, 32),
-    ("resnet44", 3, 32),
-    ("resnet56", 3, 32),
-    ("resnet110", 3, 32),
-    ("vgg16_bn", 3, 32),
+    pytest.param(name, channels, size, id=f"{name}-{channels}x{size}",
+                 marks=[pytest.mark.slow] if name in _DEEP else [])
+    for name, channels, size in [
+        ("allconv", 1, 28), ("allconv", 3, 32), ("lenet5", 1, 28), ("lenet5", 3, 32), ("resnet20", 3, 32),
+        ("resnet32", 3, 32), ("resnet44", 3, 32), ("resnet56", 3, 32), ("resnet110", 3, 32), ("vgg16_bn", 3, 32),
+    ]
 ]
-IDS = [f"{n}-{c}x{s}" for n, c, s in CASES]
 
 
 def n_params(model: nn.Module) -> int:
@@ -80,7 +77,7 @@ def test_parameter_counts(name, in_channels, expected):
     assert n_params(create_model(name, in_channels=in_channels)) == expected
 
 
-@pytest.mark.parametrize("name, in_channels, size", CASES, ids=IDS)
+@pytest.mark.parametrize("name, in_channels, size", CASES)
 def test_output_shape_and_num_classes(name, in_channels, size):
     for classes in (10, 7):
         model = create_model(name, num_classes=classes, in_channels=in_channels).eval()
@@ -90,7 +87,7 @@ def test_output_shape_and_num_classes(name, in_channels, size):
         assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name, in_channels, size", CASES, ids=IDS)
+@pytest.mark.parametrize("name, in_channels, size", CASES)
 def test_functional_call_matches_forward(name, in_channels, size):
     model, x = calibrated(name, in_channels, size)
     with torch.no_grad():
@@ -99,7 +96,7 @@ def test_functional_call_matches_forward(name, in_channels, size):
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("name, in_channels, size", CASES, ids=IDS)
+@pytest.mark.parametrize("name, in_channels, size", CASES)
 def test_train_mode_backward(name, in_channels, size):
     torch.manual_seed(0)
     model = create_model(name, in_channels=in_channels).train()
@@ -109,7 +106,7 @@ def test_train_mode_backward(name, in_channels, size):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name, in_channels, size", CASES, ids=IDS)
+@pytest.mark.parametrize("name, in_channels, size", CASES)
 def test_vmap_over_parameter_sets(name, in_channels, size):
     model, x = calibrated(name, in_channels, size)
     p0 = {k: v.detach() for k, v in model.named_parameters()}
