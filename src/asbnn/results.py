@@ -154,8 +154,7 @@ def eval_in_bf16(dev: torch.device, amp: bool, cfg: TrainConfig, info: DatasetIn
 
 def _evaluate(predict: Callable[..., Predictions], head: dict[str, Any], cfg: TrainConfig, info: DatasetInfo,
               dev: torch.device, out: Path, *, label: str, log: list[dict], mode: str, precision: str, fast: bool,
-              seed: int,
-              ood: list[str] | None, save_probs: bool, calibrate: bool, shift: bool, shift_samples: int,
+              seed: int, ood: list[str] | None, save_probs: bool, calibrate: bool, shift: bool, shift_samples: int,
               shift_subset: int, progress: bool) -> dict[str, Any]:
     """What `evaluate_run` and `evaluate_ensemble` share: every number and file of an evaluation,
     given `predict(loader, k=K, keep_probs=False)`, the networks' Predictions on a loader."""
