@@ -7,8 +7,8 @@ CPU; oneDNN applies them to each output tile while it is in cache (a "post-op").
 convolution + addition + ReLU 8.2 -> 4.9 ms (docs/benchmarks.md).
 
 `fuse_conv_relu` rewrites a traced graph; the fused node falls back to the plain operations where
-oneDNN cannot run it (not a CPU, a PyTorch built without it, NCHW batches, a grouped convolution
-with a residual, shapes the post-op does not take), so
+oneDNN cannot run it (not a CPU, a PyTorch built without it, bf16 on a CPU without native bf16,
+NCHW batches, a grouped convolution with a residual, shapes the post-op does not take), so
 the rewritten graph computes the same function everywhere. In fp32 the fused call's numbers differ
 from the plain ones in the last bits (the addition happens inside the convolution's output tile).
 """
@@ -20,6 +20,8 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+
+from .hardware import bf16_native
 
 _RELUS = (F.relu, torch.relu)
 _ADDS = (operator.add, torch.add)
@@ -34,7 +36,7 @@ def conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int,
     if not _fusable(x, weight, stride, padding, dilation, groups, residual):
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return F.relu(out if residual is None else out + residual)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = _compute_dtype(x)
     with torch.autocast("cpu", enabled=False):
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -46,19 +48,22 @@ def conv_relu(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int,
                                                               "add", None, "relu", [], "")
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a CPU convolution of `x` computes in: autocast's if it is on, else x's own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
 def _fusable(x: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
              dilation: tuple[int, ...], groups: int, residual: Tensor | None) -> bool:
     if x.device.type != "cpu" or not (_ONEDNN_OPS and torch.backends.mkldnn.is_available()) or x.dim() != 4:
         return False
-    if _memory_format(x) is not torch.channels_last:  # NCHW bf16 with a residual fails inside PyTorch 2.13
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if not nhwc:  # NCHW bf16 with a residual fails inside PyTorch 2.13
         return False
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = _compute_dtype(x)
     if dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if dtype == torch.bfloat16 and not bf16_native(x.device):  # oneDNN's bf16 kernels: AMX or AVX-512 bf16
         return False
     if residual is None:
         return True
