@@ -136,6 +136,9 @@ class Scale:
     one_pretrained: bool = False
     protocols: tuple[str, ...] = ("running",)
     ood: tuple[str, ...] = ()
+    # Table 2 at equal training cost: seed 0's VI fine-tuned for each of these epochs (more than base's),
+    # beside free AS (2 passes a step) and AS (N + 2) at base's epochs
+    finetune_longer_epochs: tuple[int, ...] = ()
     # evaluate with `asbnn eval --amp` (bf16 where it pays, each sampled network's near-ties
     # rechecked in fp32: sampled accuracies exact, other metrics within 0.1 point; docs/benchmarks.md)
     # instead of the exact fp32 loop. Not in the run keys: it is how a run is evaluated, recorded in
@@ -154,7 +157,7 @@ SCALES: dict[str, Scale] = {
         base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=4, as_steps=2,
                   lr_milestones=_milestones(2)),
         seeds=1, variants=(OURS_VI, OURS_AS, Variant("as", "update")), lambdas=(0.0, 0.8, 1.0),
-        note="seconds; for tests only",
+        finetune_longer_epochs=(3,), note="seconds; for tests only",
         regime_map=RegimeMap(
             "fashion-mnist", models=("lenet5", "allconv"), init_sigmas=(0.05,), schedules=("multistep",),
             base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=3, as_steps=2,
@@ -195,6 +198,7 @@ SCALES: dict[str, Scale] = {
                       batch_size=128, test_subset=2000, amp=True),
         finetune_methods=("vi", "as", "free"), one_pretrained=True,
         protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",), fast_eval=True,
+        finetune_longer_epochs=(21, 6),  # AS's passes (N + 2 = 7 a step) over 3 epochs first, then free AS's (2)
         note="the paper's Table 2 protocol on 2 CPU cores: a deterministic ResNet-20 trained on CIFAR-10 (SGD lr 0.1, "
              "momentum 0.9, weight decay 5e-4, cosine, 30 epochs, batch 128), then VI, AS and free AS fine-tunes of "
              "3 epochs each from it (Adam lr 0.001, cosine, init sigma 0.05), every seed from the same network; "
@@ -327,6 +331,15 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                     add("table2", f"{dataset}-{model}-finetune-{method}-s{seed}", {**common, **overrides},
                         {**cols, "variant": variant, "method": method}, init_from=det, protocols=scale.protocols,
                         ood=scale.ood)
+                if seed == 0:  # after seed 0's fine-tunes: VI fine-tuned as long as AS's variants cost
+                    for epochs in scale.finetune_longer_epochs:
+                        longer = {"epochs": epochs}
+                        if scale.base.get("schedule", TrainConfig.schedule) == "multistep":
+                            longer["lr_milestones"] = _milestones(epochs)
+                        add("table2-cost", f"{dataset}-{model}-finetune-vi-e{epochs}-s0",
+                            {**common, **MAP_METHODS["vi"][1], **longer},
+                            {**cols, "method": "vi-longer", "epochs": epochs}, init_from=det,
+                            protocols=scale.protocols, ood=scale.ood)
     return list(experiments.values())
 
 

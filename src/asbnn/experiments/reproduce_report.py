@@ -19,7 +19,7 @@ import numpy as np
 from .. import report
 from ..fileio import atomic_write_text, read_jsonl
 from ..runfolder import LOG
-from .map_report import map_section
+from .map_report import PROTOCOLS, map_section, passes_per_step
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
 PAPER_NAMES = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ResNet20": "resnet20", "ResNet56": "resnet56",
@@ -161,6 +161,75 @@ def _protocol_table(runs: list[dict]) -> str:
                                   "ensemble", "ens. NLL", "ECE", "OOD AUROC"], rows)
 
 
+FINETUNE_LABELS = {"vi": "VI", "free": "free AS", "as": "AS"}
+
+
+def _finetune_cost(run: dict[str, Any]) -> float:
+    """A fine-tune's training cost in passes over the training set (epochs x forward-backward passes a
+    step; VI 1, free AS 2, AS N + 2): hardware-independent, and the pretraining every fine-tune shares
+    left out."""
+    config = run["eval"]["config"]
+    return float(config["epochs"] * passes_per_step(config))
+
+
+def _finetune_label(run: dict[str, Any]) -> str:
+    columns = run["exp"].columns
+    if columns["method"] == "vi-longer":
+        return f"VI, {columns['epochs']} epochs"
+    return f"{FINETUNE_LABELS[columns['method']]}, {run['eval']['config']['epochs']} epochs"
+
+
+def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
+    """Table 2's fine-tunes against their training cost: VI, free AS and AS at the scale's epochs, and
+    VI fine-tuned as many epochs as AS's variants cost (`Scale.finetune_longer_epochs`), with the lowest
+    sampled accuracy and the ensemble's accuracy and NLL under each BatchNorm protocol."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[_finetune_label(r)].append(r)
+    ordered = sorted(groups.items(), key=lambda kv: (_finetune_cost(kv[1][0]), kv[0]))
+    protocols = [p for p in PROTOCOLS if any(p in r["evals"] for r in runs)]
+    rows = []
+    for label, group in ordered:
+        row: list[Any] = [label, len(group), f"{_finetune_cost(group[0]):g}"]
+        for protocol in protocols:
+            evals = [r["evals"][protocol] for r in group if protocol in r["evals"]]
+            row += [report.mean_std([100 * e["sampled"]["lowest"] for e in evals]),
+                    report.mean_std([100 * e["ensemble"]["accuracy"] for e in evals]),
+                    report.mean_std([e["ensemble"]["nll"] for e in evals], digits=3)]
+        row.append(f"{_train_seconds(group):.0f}")
+        rows.append(row)
+    headers = ["fine-tune", "seeds", "cost (passes over the data)"]
+    for protocol in protocols:
+        short = "running" if protocol == "running" else "recal."
+        headers += [f"lowest ({short})", f"ensemble ({short})", f"NLL ({short})"]
+    lines = ["", "### Equal compute: the fine-tunes against their training cost", "",
+             report.markdown_table([*headers, "train s"], rows), "",
+             "Cost: epochs x forward-backward passes a step (VI 1, free AS 2, AS N + 2), in passes over the "
+             "training set; the deterministic pretraining all fine-tunes share is left out. VI fine-tuned longer "
+             "has seed 0 only; the other rows are means over their seeds."]
+    for name, ylabel, metric in (("finetune_cost_lowest.png", "lowest sampled accuracy (%)", ("sampled", "lowest")),
+                                 ("finetune_cost_nll.png", "ensemble NLL (nats)", ("ensemble", "nll"))):
+        panels = {}
+        for protocol in protocols:
+            methods: tuple[list[float], list[float]] = ([], [])
+            longer: tuple[list[float], list[float]] = ([], [])
+            for label, group in ordered:
+                values = [r["evals"][protocol][metric[0]][metric[1]] for r in group if protocol in r["evals"]]
+                if not values:
+                    continue
+                method = group[0]["exp"].columns["method"]
+                # VI at the scale's epochs is on both lines: the last method's and the first of VI trained longer
+                for xs, ys in ([longer] if method == "vi-longer" else [methods, longer] if method == "vi" else [methods]):
+                    xs.append(_finetune_cost(group[0]))
+                    ys.append((100.0 if metric[0] == "sampled" else 1.0) * float(np.mean(values)))
+            panels[f"BatchNorm {PROTOCOLS[protocol]}"] = {"VI, free AS, AS": methods, "VI trained longer": longer}
+        if panels:
+            report.plot_scatter_panels(panels, "training cost (passes over the training set)", ylabel, plots / name,
+                                       connect=True, companions={"VI trained longer": "VI, free AS, AS"})
+            lines += ["", f"![{ylabel} against cost](plots/{name})"]
+    return lines
+
+
 def _eval_seconds(meta: dict[str, Any]) -> str:
     """Evaluation time: one number, or one per BatchNorm protocol."""
     seconds = meta["eval_seconds"]
@@ -217,6 +286,9 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
         if any("recalibrated" in r["evals"] for r in t2):
             lines += ["", "### Both BatchNorm protocols, with calibration and OOD detection", "",
                       _protocol_table(t2)]
+        longer = [r for r in runs if "table2-cost" in r["exp"].tables]
+        if longer:
+            lines += _equal_compute_finetune(t2 + longer, plots)
     if "table3" in wanted and t1:
         lines += ["", "## Table 3: selective prediction (ensemble accuracy on the inputs of lowest total uncertainty)",
                   "", _accuracy_table(t1, "3", paper, RETAIN)]
