@@ -8,6 +8,7 @@ import socket
 import pytest
 
 import asbnn.experiments.reproduce as reproduce_module
+from asbnn.config import make_config
 from asbnn.errors import ConfigError
 from asbnn.experiments.reproduce import SCALES, is_done, plan, reproduce, run_dir, run_experiment
 
@@ -180,7 +181,7 @@ def test_quickstart_trade_summary_names_each_difference():
 
 def test_equal_compute_arms_come_after_the_map_and_build_on_their_members():
     grid = SCALES["smoke"].regime_map
-    experiments = plan(["map"], "smoke")
+    experiments = [e for e in plan(["map"], "smoke") if e.columns["method"] not in grid.cheaper_as]  # planned last
     methods = [e.columns["method"] for e in experiments]
     arms = ("deterministic", "ensemble", "vi-longer")
     first_arm = min(methods.index(m) for m in arms)
@@ -207,10 +208,10 @@ def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     """The arms default to nothing; the cpu map adds 7 members x 2 models, 6 ensembles x 2, 2 x 4 VI runs."""
     smoke = SCALES["smoke"]
     before = [(e.name, e.key) for e in plan(["map"], "smoke") if e.columns["method"] in smoke.regime_map.methods]
-    bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=())
+    bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=(), cheaper_as=())
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
-    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8  # + 8: AS on normalised layers
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4  # + 8: AS on normalised layers; + 4: cheaper AS
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -277,3 +278,22 @@ def test_vi_fine_tuned_longer_builds_on_seed_0s_network_and_keeps_table_2s_keys(
         assert "lr_milestones" not in exp.overrides  # cosine: the schedule stretches with the epochs
     smoke = next(e for e in plan(["table2"], "smoke") if "table2-cost" in e.tables)
     assert smoke.overrides["lr_milestones"] == [1, 2, 3]  # multistep: milestones scaled like the map's
+
+
+def test_cheaper_as_comes_last_in_its_cells_and_moves_no_earlier_run():
+    """The cheaper AS arms (one large sign step; AS only in the last epochs) came after the map's 66 runs:
+    planned after all of them, in the all-conv network at sigma 0.05 only, under both protocols."""
+    from asbnn.experiments.map_report import epoch_passes
+
+    planned = plan(["map"], "cpu", 2)
+    cheaper = planned[66:]
+    assert [e.columns["method"] for e in cheaper] == ["as-n1", "as-late"] * 2
+    assert all(e.columns["model"] == "allconv" and e.columns["init_sigma"] == 0.05 for e in cheaper)
+    assert all(e.protocols == ("running", "recalibrated") for e in cheaper)
+    assert {e.columns["method"] for e in planned[:66]}.isdisjoint({"as-n1", "as-late"})
+    one_step, late = cheaper[0], cheaper[1]
+    assert (one_step.overrides["as_steps"], one_step.overrides["as_step_size"]) == (1, 0.1)
+    assert late.overrides["as_first_epoch"] == 4 and late.columns["label"] == "AS from epoch 4"  # the last 2 of 5
+    assert planned[0].key == "b57158d5e6d6"  # a run planned before the arms keeps its key
+    # cost in passes over the data: AS 5 x 7, one step 5 x 3, late 3 x 1 + 2 x 7
+    assert [epoch_passes(make_config(overrides=e.overrides).to_dict()) for e in (one_step, late)] == [15, 17]

@@ -226,3 +226,24 @@ def test_progress_is_one_line_per_epoch_unless_on_a_terminal(shared_data, tmp_pa
         assert "\r" not in out + err and err == ""
         lines = out.splitlines()
         assert len(lines) == 2 and lines[0].startswith("epoch 1  train_loss") and "test_acc" in lines[1]
+
+
+@pytest.mark.parametrize("variant", ["standard", "free"])
+def test_as_from_a_later_epoch_is_vi_until_then(shared_data, tmp_path, variant):
+    """as_first_epoch 2: epoch 1 is the VI run's epoch 1 to the bit (same noise, no adversarial passes),
+    epoch 2 is AS (it differs from VI's epoch 2)."""
+    common = dict(amp=False, train_subset=2000, as_steps=2)
+    vi = train(small(shared_data, method="vi", **common), tmp_path / "vi", progress=False)
+    late = train(small(shared_data, method="as", as_variant=variant, as_first_epoch=2, **common), tmp_path / "late",
+                 progress=False)
+    logs = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (vi, late)]
+    keys = ("train_loss", "train_acc", "test_acc", "test_acc_sample", "kl")
+    assert [logs[0][0][k] for k in keys] == [logs[1][0][k] for k in keys]
+    assert logs[0][1]["train_loss"] != logs[1][1]["train_loss"]
+
+
+def test_as_first_epoch_must_be_an_epoch_of_an_as_run(shared_data):
+    with pytest.raises(ConfigError, match="as_first_epoch must be an epoch of the run"):
+        small(shared_data, method="as", as_first_epoch=3)
+    with pytest.raises(ConfigError, match="as_first_epoch is a setting of method as"):
+        small(shared_data, method="vi", as_first_epoch=2)

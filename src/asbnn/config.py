@@ -74,6 +74,7 @@ class TrainConfig:
     as_variant: Literal["standard", "free"] = "standard"  # free: 1 sign step per training step, 2 passes
     # normalised: sign steps only on the noise of BatchNorm layers and the conv / linear layers feeding one
     as_layers: Literal["all", "normalised"] = "all"
+    as_first_epoch: int = 1  # AS from this (1-based) epoch on, plain VI before it: AS only in the last epochs
     # run
     seed: int = 42
     device: str = "auto"
@@ -216,6 +217,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"method mc_dropout needs 0 < dropout < 1, got {cfg.dropout}")
     if cfg.method != "mc_dropout" and cfg.dropout != 0:
         raise ConfigError(f"dropout is a setting of method mc_dropout; method {cfg.method} needs dropout 0")
+    if cfg.method == "as" and not 1 <= cfg.as_first_epoch <= cfg.epochs:
+        raise ConfigError(f"as_first_epoch must be an epoch of the run (1 to epochs = {cfg.epochs}), "
+                          f"got {cfg.as_first_epoch}")
+    if cfg.method != "as" and cfg.as_first_epoch != 1:
+        raise ConfigError(f"as_first_epoch is a setting of method as; method {cfg.method} needs as_first_epoch 1")
     cfg.posterior_config()  # PosteriorConfig and ASConfig check their own ranges
     ASConfig(steps=cfg.as_steps, step_size=cfg.as_step_size, lam=cfg.as_lambda,
              kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy, layers=cfg.as_layers)

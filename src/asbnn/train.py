@@ -8,6 +8,8 @@ would have done.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -152,6 +154,8 @@ def train_epoch(
     net.train()
     device = batch_stream.device
     as_config = cfg.as_config()
+    if epoch < cfg.as_first_epoch:  # AS only from `as_first_epoch` on: plain VI (lambda 0) before it
+        as_config, sampler = dataclasses.replace(as_config, lam=0.0), None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device)

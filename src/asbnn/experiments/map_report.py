@@ -20,8 +20,9 @@ import numpy as np
 from .. import report
 
 PROTOCOLS = {"running": "running statistics", "recalibrated": "recalibrated per sample"}
-MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "vi-longer", "deterministic", "ensemble")  # a cell's rows, in order
-AS_VARIANTS = ("as", "free", "asnorm")  # compared with the cell's VI at the same epochs
+#: a cell's rows, in order
+MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "as-n1", "as-late", "vi-longer", "deterministic", "ensemble")
+AS_VARIANTS = ("as", "free", "asnorm", "as-n1", "as-late")  # compared with the cell's VI at the same epochs
 NETWORKS = ("deterministic", "ensemble")  # deterministic networks: no initial sigma, running statistics only
 
 
@@ -154,13 +155,19 @@ def passes_per_step(config: dict[str, Any]) -> int:
     return 2 if config.get("as_variant") == "free" else config["as_steps"] + 2
 
 
+def epoch_passes(config: dict[str, Any]) -> float:
+    """A run's training cost in passes over its training set: epochs x passes a step, the epochs
+    before `as_first_epoch` (AS only in the last epochs) at VI's one pass."""
+    vi_epochs = config.get("as_first_epoch", 1) - 1 if config["method"] == "as" else 0
+    return float(vi_epochs + (config["epochs"] - vi_epochs) * passes_per_step(config))
+
+
 def training_passes(config: dict[str, Any]) -> float:
     """Forward-backward passes a run's training cost: steps x passes per step. Counted in passes,
     the cost holds on any hardware; NaN where the training set size is not in the config."""
     if config.get("train_subset") is None:
         return float("nan")
-    steps = config["epochs"] * -(-config["train_subset"] // config["batch_size"])
-    return float(steps * passes_per_step(config))
+    return -(-config["train_subset"] // config["batch_size"]) * epoch_passes(config)
 
 
 def _cost(run: dict[str, Any]) -> float:
@@ -174,8 +181,9 @@ def _cost(run: dict[str, Any]) -> float:
 
 
 #: Cost-plot series of their own within a cell: VI trained longer (a dashed line from the cell's VI), and
-#: AS on normalised layers, a point at AS's cost that would make the cell's line double back on itself.
-_OWN_SERIES = {"vi-longer": ", VI longer", "asnorm": ", AS normalised layers"}
+#: AS on normalised layers and the cheaper AS, points that would make the cell's line double back on itself.
+_OWN_SERIES = {"vi-longer": ", VI longer", "asnorm": ", AS normalised layers", "as-n1": ", AS one step",
+               "as-late": ", AS late"}
 
 
 def _series_label(key: tuple) -> str:
@@ -256,6 +264,9 @@ def _equal_compute_legend(runs: list[dict]) -> str:
     if any(c["method"] == "asnorm" for c in columns):
         text += (" AS with its sign steps on normalised layers only costs what AS does (N + 2 passes a step): "
                  "one point per cell, in a colour of its own.")
+    if any(c["method"] in ("as-n1", "as-late") for c in columns):
+        text += (" The cheaper AS (one larger sign step: 3 passes a step; AS only in the last epochs: VI's pass "
+                 "before them) are one point each, in colours of their own.")
     return text
 
 
@@ -273,6 +284,11 @@ def _arm_rows_note(runs: list[dict]) -> str:
     if "asnorm" in methods:
         text += (" *AS, normalised layers*: AS whose sign steps move only the noise of BatchNorm layers and of the "
                  "conv / linear layers feeding straight into one (`as_layers: normalised`), N + 2 passes a step.")
+    if "as-n1" in methods:
+        text += (" *AS, one step of 0.1*: the search in one sign step of alpha = 0.1 (N x alpha as the paper's "
+                 "5 x 0.02), 3 passes a step.")
+    if "as-late" in methods:
+        text += " *AS from epoch E*: plain VI before epoch E, AS from it on (`as_first_epoch`)."
     return text
 
 

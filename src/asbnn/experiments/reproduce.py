@@ -104,6 +104,10 @@ class RegimeMap:
     ensemble_members: int = 0  # deterministic networks per model and schedule: deep ensembles of 2..M
     longer_epochs: tuple[int, ...] = ()  # VI of every cell trained this many epochs (more than base's)
     longer_seeds: int = 1
+    # cheaper AS (keys of MAP_METHODS) in the cells where AS helped, (model, initial sigma) at every schedule and
+    # seed, planned after everything else
+    cheaper_as: tuple[str, ...] = ()
+    cheaper_as_cells: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         base_epochs = self.base.get("epochs", TrainConfig.epochs)
@@ -116,7 +120,17 @@ class RegimeMap:
 #: layers (`as_layers`), to test whether LeNet-5's collapse comes from its unnormalised fully connected layers.
 MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
                "free": ("free AS", {"method": "as", "as_variant": "free"}),
-               "asnorm": ("AS, normalised layers", {"method": "as", "as_layers": "normalised"})}
+               "asnorm": ("AS, normalised layers", {"method": "as", "as_layers": "normalised"}),
+               # cheaper AS: one larger sign step (the same N x alpha = 0.1 as the paper's 5 x 0.02; 3 passes a
+               # step), and AS only in the last LATE_AS_SHARE of the epochs (plain VI before; `as_first_epoch`)
+               "as-n1": ("AS, one step of 0.1", {"method": "as", "as_steps": 1, "as_step_size": 0.1}),
+               "as-late": ("AS in the last epochs", {"method": "as"})}
+LATE_AS_SHARE = 0.4
+
+
+def late_as_first_epoch(epochs: int) -> int:
+    """The first epoch of AS in method as-late: the last LATE_AS_SHARE of `epochs` (at least one)."""
+    return epochs - max(1, round(LATE_AS_SHARE * epochs)) + 1
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ SCALES: dict[str, Scale] = {
             base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=3, as_steps=2,
                       lr_milestones=_milestones(2)),
             methods=("vi", "as", "free", "asnorm"), ood=("mnist",), ensemble_members=3, longer_epochs=(4,),
-            note="seconds; for tests only"),
+            cheaper_as=("as-n1", "as-late"), cheaper_as_cells=(("allconv", 0.05),), note="seconds; for tests only"),
     ),
     "cpu": Scale(
         pairs=(("fashion-mnist", "lenet5"),),
@@ -182,13 +196,17 @@ SCALES: dict[str, Scale] = {
             # at AS's cost: 7 deterministic networks (7 passes a step together), VI at 10 epochs (free AS's
             # 2 passes a step for 5 epochs) and 35 (standard AS's N + 2 = 7)
             ensemble_members=7, longer_epochs=(10, 35), longer_seeds=1,
+            # where AS lifted the lowest sampled network most under running statistics (+16 points)
+            cheaper_as=("as-n1", "as-late"), cheaper_as_cells=(("allconv", 0.05),),
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
                  "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set; "
                  "methods VI, AS, free AS and AS with its sign steps on the noise of normalised layers only "
                  "(BatchNorm and the convolutions feeding one: as_layers normalised); "
                  "at equal training cost beside them, deep ensembles of 2 to 7 deterministic networks of the same "
-                 "recipe (evaluated with running statistics) and VI trained 10 and 35 epochs (one seed)"),
+                 "recipe (evaluated with running statistics) and VI trained 10 and 35 epochs (one seed); "
+                 "in the all-conv network at sigma 0.05, two cheaper AS: one sign step of 0.1 (3 passes a step) "
+                 "and AS only in the last 2 epochs"),
     ),
     "mid": Scale(
         pairs=(("cifar10", "resnet20"),),
@@ -293,6 +311,18 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                  "seed": seed},
                 base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
         _add_equal_compute_arms(grid, add)
+        for seed, method, (model, sigma), schedule in itertools.product(
+                range(n_seeds), grid.cheaper_as, grid.cheaper_as_cells, grid.schedules):
+            label, overrides = MAP_METHODS[method]
+            if method == "as-late":
+                first = late_as_first_epoch(grid.base.get("epochs", TrainConfig.epochs))
+                label, overrides = f"AS from epoch {first}", {**overrides, "as_first_epoch": first}
+            add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
+                {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
+                 "seed": seed, **overrides},
+                {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
+                 "seed": seed},
+                base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
@@ -374,7 +404,7 @@ def _add_equal_compute_arms(grid: RegimeMap, add: Callable[..., Experiment]) -> 
 
 #: TrainConfig fields added after RESULTS_VERSION 2, with the value that means "not used": a run key
 #: hashes such a field only when it is set, so adding the field kept the key of every earlier run.
-UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "as_layers": "all"}
+UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "as_layers": "all", "as_first_epoch": 1}
 
 
 def _key(exp: Experiment) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from .. import report
 from ..fileio import atomic_write_text, read_jsonl
 from ..runfolder import LOG
-from .map_report import PROTOCOLS, map_section, passes_per_step
+from .map_report import PROTOCOLS, epoch_passes, map_section
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
 PAPER_NAMES = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ResNet20": "resnet20", "ResNet56": "resnet56",
@@ -168,8 +168,7 @@ def _finetune_cost(run: dict[str, Any]) -> float:
     """A fine-tune's training cost in passes over the training set (epochs x forward-backward passes a
     step; VI 1, free AS 2, AS N + 2): hardware-independent, and the pretraining every fine-tune shares
     left out."""
-    config = run["eval"]["config"]
-    return float(config["epochs"] * passes_per_step(config))
+    return epoch_passes(run["eval"]["config"])
 
 
 def _finetune_label(run: dict[str, Any]) -> str:
