@@ -302,14 +302,18 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                  for methods in (primary, tuple(m for m in grid.methods if m not in primary))
                  for seed, method, model, schedule, sigma in itertools.product(
                      range(n_seeds), methods, grid.models, grid.schedules, grid.init_sigmas)]
-        for seed, method, model, schedule, sigma in order:
-            label, overrides = MAP_METHODS[method]
+
+        def add_cell_run(seed: int, method: str, model: str, schedule: str, sigma: float, label: str,
+                         overrides: dict[str, Any]) -> None:
             add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
                 {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
                  "seed": seed, **overrides},
                 {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
                  "seed": seed},
                 base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
+
+        for seed, method, model, schedule, sigma in order:
+            add_cell_run(seed, method, model, schedule, sigma, *MAP_METHODS[method])
         _add_equal_compute_arms(grid, add)
         for seed, method, (model, sigma), schedule in itertools.product(
                 range(n_seeds), grid.cheaper_as, grid.cheaper_as_cells, grid.schedules):
@@ -317,12 +321,7 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
             if method == "as-late":
                 first = late_as_first_epoch(grid.base.get("epochs", TrainConfig.epochs))
                 label, overrides = f"AS from epoch {first}", {**overrides, "as_first_epoch": first}
-            add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
-                {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
-                 "seed": seed, **overrides},
-                {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
-                 "seed": seed},
-                base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
+            add_cell_run(seed, method, model, schedule, sigma, label, overrides)
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
