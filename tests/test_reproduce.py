@@ -37,6 +37,14 @@ def test_smoke_pipeline_writes_every_table_and_never_redoes_a_run(shared_data, t
     stamps = {e.name: (run_dir(out, e) / "done.json").stat().st_mtime_ns for e in experiments}
     reproduce(["all"], "smoke", out, data_root=str(shared_data), progress=False)
     assert stamps == {e.name: (run_dir(out, e) / "done.json").stat().st_mtime_ns for e in experiments}
+    # one table alone names its runs its own way (lambda 0.8, not Table 1's AS): still the same runs
+    folders = sorted((out / "runs").iterdir())
+    lam = plan(["lambda"], "smoke")
+    assert {e.name for e in lam} - set(stamps)  # names Table 1 does not use ...
+    reproduce(["lambda"], "smoke", out, data_root=str(shared_data), progress=False)
+    assert sorted((out / "runs").iterdir()) == folders  # ... found by their keys: nothing trained again
+    assert all(stamps[next(e.name for e in experiments if e.key == x.key)] ==
+               (run_dir(out, x) / "done.json").stat().st_mtime_ns for x in lam)
 
 
 def test_runs_are_shared_between_tables_and_keyed_by_config():

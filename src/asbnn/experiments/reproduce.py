@@ -417,7 +417,13 @@ def _key(exp: Experiment) -> str:
 
 
 def run_dir(out: Path, exp: Experiment) -> Path:
-    return out / "runs" / f"{exp.name}-{exp.key}"
+    """OUT/runs/<name>-<key>. A run's name depends on the tables asked for (the AS run of Table 1 is
+    lambda 0.8 of the lambda sweep), its key does not: a folder of the same key made under another
+    name is this run, so `reproduce lambda` uses what `reproduce all` trained."""
+    named = out / "runs" / f"{exp.name}-{exp.key}"
+    if named.exists():
+        return named
+    return next(iter(sorted((out / "runs").glob(f"*-{exp.key}"))), named)
 
 
 def is_done(out: Path, exp: Experiment) -> bool:
