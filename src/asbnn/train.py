@@ -9,7 +9,6 @@ would have done.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import sys
 import time

@@ -216,9 +216,10 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
                 values = [r["evals"][protocol][metric[0]][metric[1]] for r in group if protocol in r["evals"]]
                 if not values:
                     continue
-                method = group[0]["exp"].columns["method"]
-                # VI at the scale's epochs is on both lines: the last method's and the first of VI trained longer
-                for xs, ys in ([longer] if method == "vi-longer" else [methods, longer] if method == "vi" else [methods]):
+                # VI at the scale's epochs starts both lines: VI, free AS, AS and VI trained longer
+                on_lines = {"vi": [methods, longer], "vi-longer": [longer]}.get(group[0]["exp"].columns["method"],
+                                                                               [methods])
+                for xs, ys in on_lines:
                     xs.append(_finetune_cost(group[0]))
                     ys.append((100.0 if metric[0] == "sampled" else 1.0) * float(np.mean(values)))
             panels[f"BatchNorm {PROTOCOLS[protocol]}"] = {"VI, free AS, AS": methods, "VI trained longer": longer}
