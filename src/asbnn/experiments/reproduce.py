@@ -121,16 +121,18 @@ class RegimeMap:
 MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
                "free": ("free AS", {"method": "as", "as_variant": "free"}),
                "asnorm": ("AS, normalised layers", {"method": "as", "as_layers": "normalised"}),
-               # cheaper AS: one larger sign step (the same N x alpha = 0.1 as the paper's 5 x 0.02; 3 passes a
-               # step), and AS only in the last LATE_AS_SHARE of the epochs (plain VI before; `as_first_epoch`)
-               "as-n1": ("AS, one step of 0.1", {"method": "as", "as_steps": 1, "as_step_size": 0.1}),
-               "as-late": ("AS in the last epochs", {"method": "as"})}
-LATE_AS_SHARE = 0.4
+               # cheaper AS: one larger sign step (the same N x alpha = 0.1 as the paper's 5 x 0.02; 3 passes a step)
+               "as-n1": ("AS, one step of 0.1", {"method": "as", "as_steps": 1, "as_step_size": 0.1})}
+LATE_AS_SHARE = 0.4  # method as-late (cheaper AS): AS only in the last 40 % of the epochs, plain VI before
 
 
-def late_as_first_epoch(epochs: int) -> int:
-    """The first epoch of AS in method as-late: the last LATE_AS_SHARE of `epochs` (at least one)."""
-    return epochs - max(1, round(LATE_AS_SHARE * epochs)) + 1
+def map_method(method: str, epochs: int) -> tuple[str, dict[str, Any]]:
+    """A map method's label and overrides for a run of `epochs` (`MAP_METHODS`, and as-late, whose
+    first AS epoch depends on them)."""
+    if method == "as-late":
+        first = epochs - max(1, round(LATE_AS_SHARE * epochs)) + 1
+        return f"AS from epoch {first}", {"method": "as", "as_first_epoch": first}
+    return MAP_METHODS[method]
 
 
 @dataclass(frozen=True)
@@ -312,16 +314,13 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                  "seed": seed},
                 base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
 
+        epochs = grid.base.get("epochs", TrainConfig.epochs)
         for seed, method, model, schedule, sigma in order:
-            add_cell_run(seed, method, model, schedule, sigma, *MAP_METHODS[method])
+            add_cell_run(seed, method, model, schedule, sigma, *map_method(method, epochs))
         _add_equal_compute_arms(grid, add)
         for seed, method, (model, sigma), schedule in itertools.product(
                 range(n_seeds), grid.cheaper_as, grid.cheaper_as_cells, grid.schedules):
-            label, overrides = MAP_METHODS[method]
-            if method == "as-late":
-                first = late_as_first_epoch(grid.base.get("epochs", TrainConfig.epochs))
-                label, overrides = f"AS from epoch {first}", {**overrides, "as_first_epoch": first}
-            add_cell_run(seed, method, model, schedule, sigma, label, overrides)
+            add_cell_run(seed, method, model, schedule, sigma, *map_method(method, epochs))
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
