@@ -82,9 +82,13 @@ def test_report_rows_and_equal_compute_lines_of_the_arms(smoke_map):
     gains = [line for line in text.split("### AS - VI per cell")[1].split("###")[0].splitlines()
              if line.startswith("| ")][2:]  # the rows below the header and its alignment line
     variants = {line.split("|")[4].strip() for line in gains}
-    # at equal epochs, against VI; the cheaper AS in the all-conv cell only (AS from the last of 2 epochs)
-    assert variants == {"AS", "free AS", "AS, normalised layers", "AS, one step of 0.1", "AS from epoch 2"}
-    assert {line.split("|")[1].strip() for line in gains if "one step" in line or "from epoch" in line} == {"allconv"}
+    # at equal epochs, against VI; the cheaper AS and lambda 0.2 in the all-conv cell only (AS from the last of 2 epochs)
+    assert variants == {"AS", "free AS", "AS, normalised layers", "AS, one step of 0.1", "AS from epoch 2",
+                        "AS, lambda 0.2"}
+    assert {line.split("|")[1].strip() for line in gains
+            if "one step" in line or "from epoch" in line or "lambda" in line} == {"allconv"}
+    # the sweep's constant-schedule cell has its own VI to compare AS with
+    assert [line.split("|")[4].strip() for line in gains if line.split("|")[2].strip() == "constant"] == ["AS"]
     for plot in ("map_cost_lowest.png", "map_cost_nll.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     assert "deep-ensemble line" in text and "VI trained longer" in text and "`as_layers: normalised`" in text
@@ -92,15 +96,15 @@ def test_report_rows_and_equal_compute_lines_of_the_arms(smoke_map):
     series = cost_series(runs, "recalibrated", ("ensemble", "nll"), 1.0)
     member = _eval(out, _of("deterministic")[0])
     vi = next(r for r in runs if r["exp"].columns["method"] == "vi" and r["exp"].columns["model"] == "lenet5")
-    assert series["lenet5, deep ensemble"][0] == [m * training_passes(member["config"]) for m in (1, 2, 3)]
+    assert series["lenet5, multistep, deep ensemble"][0] == [m * training_passes(member["config"]) for m in (1, 2, 3)]
     vi_cost = training_passes(vi["evals"]["running"]["config"])
-    assert series["lenet5, σ0 0.05, VI longer"][0] == [vi_cost, 2 * vi_cost]  # 4 epochs against 2
-    assert series["lenet5, σ0 0.05, AS normalised layers"][0] == [4 * vi_cost]  # N + 2 = 4 passes, as AS
+    assert series["lenet5, multistep, σ0 0.05, VI longer"][0] == [vi_cost, 2 * vi_cost]  # 4 epochs against 2
+    assert series["lenet5, multistep, σ0 0.05, AS normalised layers"][0] == [4 * vi_cost]  # N + 2 = 4 passes, as AS
     # one step: 3 passes a step; AS from epoch 2 of 2: VI's 1 pass in epoch 1, N + 2 = 4 in epoch 2
-    assert series["allconv, σ0 0.05, AS one step"][0] == [3 * vi_cost]
-    assert series["allconv, σ0 0.05, AS late"][0] == [(1 + 4) / 2 * vi_cost]
+    assert series["allconv, multistep, σ0 0.05, AS one step"][0] == [3 * vi_cost]
+    assert series["allconv, multistep, σ0 0.05, AS late"][0] == [(1 + 4) / 2 * vi_cost]
     ensemble = next(r for r in runs if r["exp"].name.endswith("lenet5-multistep-ensemble-x3"))
-    assert series["lenet5, deep ensemble"][1][-1] == ensemble["evals"]["running"]["ensemble"]["nll"]  # running stats
+    assert series["lenet5, multistep, deep ensemble"][1][-1] == ensemble["evals"]["running"]["ensemble"]["nll"]  # running stats
 
 
 def test_a_second_reproduce_call_does_no_work(smoke_map, shared_data, monkeypatch):

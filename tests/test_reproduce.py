@@ -80,14 +80,21 @@ def test_bad_reproduce_arguments(tmp_path):
         reproduce(["table1"], "smoke", tmp_path, seeds=0)
 
 
+def _in_cross_product(exp, grid) -> bool:
+    """A run of the grid's own cells and methods (not an equal-compute arm, a cheaper AS or a sweep cell)."""
+    c = exp.columns
+    return (c["method"] in grid.methods and c["schedule"] in grid.schedules and c["init_sigma"] in grid.init_sigmas
+            and c["model"] in grid.models)
+
+
 @pytest.mark.slow  # trains and evaluates every smoke-scale map run
 def test_regime_map_runs_every_cell_under_both_batchnorm_protocols(shared_data, tmp_path):
     grid = SCALES["smoke"].regime_map
-    experiments = [e for e in plan(["map"], "smoke") if e.columns["method"] in grid.methods]  # the cells' own
+    experiments = [e for e in plan(["map"], "smoke") if _in_cross_product(e, grid)]  # the cells' own
     assert len(experiments) == len(grid.models) * len(grid.init_sigmas) * len(grid.schedules) * len(grid.methods)
     assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in experiments)
     assert [e.columns["method"] for e in experiments[:2]] == ["vi", "vi"]  # every cell's VI first
-    own = [e.columns["method"] for e in plan(["map"], "smoke", seeds=2) if e.columns["method"] in grid.methods]
+    own = [e.columns["method"] for e in plan(["map"], "smoke", seeds=2) if _in_cross_product(e, grid)]
     assert own[8:] == 2 * (2 * ["free"] + 2 * ["asnorm"])  # the other variants after all seeds' VI and AS
     assert not any("map" in e.tables for e in plan(["all"], "smoke"))  # all = the paper's tables
     exp = next(e for e in experiments if e.columns["method"] == "free" and e.columns["model"] == "allconv")
@@ -168,7 +175,9 @@ def test_every_run_key_of_the_running_experiments_survives_amp_auto():
     def digest(experiments):
         return hashlib.sha256(json.dumps(sorted(e.key for e in experiments)).encode()).hexdigest()[:16]
 
-    map_runs = [e for e in plan(["map"], "cpu", 2) if e.columns["method"] in ("vi", "as", "free")]
+    grid = SCALES["cpu"].regime_map
+    map_runs = [e for e in plan(["map"], "cpu", 2) if e.columns["method"] in ("vi", "as", "free")
+                and _in_cross_product(e, grid)]  # the sweep cells came later too
     assert len(map_runs) == 24 and digest(map_runs) == "0708c9c7a13cb052"  # the equal-compute arms came later
     assert digest([e for e in plan(["table2"], "mid") if "table2-cost" not in e.tables]) == "d471e995ee584e8b"
 
@@ -189,7 +198,10 @@ def test_quickstart_trade_summary_names_each_difference():
 
 def test_equal_compute_arms_come_after_the_map_and_build_on_their_members():
     grid = SCALES["smoke"].regime_map
-    experiments = [e for e in plan(["map"], "smoke") if e.columns["method"] not in grid.cheaper_as]  # planned last
+    experiments = [e for e in plan(["map"], "smoke")  # the cheaper AS and the sweep cells are planned last
+                   if e.columns["method"] not in grid.cheaper_as and e.columns["schedule"] in grid.schedules
+                   and e.columns["method"] not in {m for *_, ms in grid.sweep_cells for m in ms} - set(grid.methods)
+                   and e.columns["init_sigma"] in (*grid.init_sigmas, None)]
     methods = [e.columns["method"] for e in experiments]
     arms = ("deterministic", "ensemble", "vi-longer")
     first_arm = min(methods.index(m) for m in arms)
@@ -215,11 +227,12 @@ def test_equal_compute_arms_come_after_the_map_and_build_on_their_members():
 def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     """The arms default to nothing; the cpu map adds 7 members x 2 models, 6 ensembles x 2, 2 x 4 VI runs."""
     smoke = SCALES["smoke"]
-    before = [(e.name, e.key) for e in plan(["map"], "smoke") if e.columns["method"] in smoke.regime_map.methods]
-    bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=(), cheaper_as=())
+    before = [(e.name, e.key) for e in plan(["map"], "smoke") if _in_cross_product(e, smoke.regime_map)]
+    bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=(), cheaper_as=(), sweep_cells=())
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
-    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4  # + 8: AS on normalised layers; + 4: cheaper AS
+    # + 8: AS on normalised layers; + 4: cheaper AS; + 2 x 26: the sweep cells
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 2 * 26
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -294,7 +307,7 @@ def test_cheaper_as_comes_last_in_its_cells_and_moves_no_earlier_run():
     from asbnn.experiments.map_report import epoch_passes
 
     planned = plan(["map"], "cpu", 2)
-    cheaper = planned[66:]
+    cheaper = planned[66:70]
     assert [e.columns["method"] for e in cheaper] == ["as-n1", "as-late"] * 2
     assert all(e.columns["model"] == "allconv" and e.columns["init_sigma"] == 0.05 for e in cheaper)
     assert all(e.protocols == ("running", "recalibrated") for e in cheaper)
@@ -305,3 +318,28 @@ def test_cheaper_as_comes_last_in_its_cells_and_moves_no_earlier_run():
     assert planned[0].key == "b57158d5e6d6"  # a run planned before the arms keeps its key
     # cost in passes over the data: AS 5 x 7, one step 5 x 3, late 3 x 1 + 2 x 7
     assert [epoch_passes(make_config(overrides=e.overrides).to_dict()) for e in (one_step, late)] == [15, 17]
+
+
+def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_keys(monkeypatch):
+    """The sweep (session 7) added cells beyond the cross product: planned after all 88 runs of 3 seeds,
+    seed 0 of every sweep cell before any seed 1, and no earlier run moved or re-keyed."""
+    cpu = SCALES["cpu"]
+    planned = plan(["map"], "cpu", 3)
+    monkeypatch.setitem(SCALES, "cpu", dataclasses.replace(
+        cpu, regime_map=dataclasses.replace(cpu.regime_map, sweep_cells=())))
+    before = [(e.name, e.key) for e in plan(["map"], "cpu", 3)]
+    assert len(before) == 88 and [(e.name, e.key) for e in planned[:88]] == before
+    sweep = planned[88:]
+    per_seed = sum(len(methods) for *_, methods in cpu.regime_map.sweep_cells)
+    assert len(sweep) == 3 * per_seed and [e.columns["seed"] for e in sweep] == sorted(e.columns["seed"] for e in sweep)
+    assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in sweep)
+    lam = [e for e in sweep if e.columns["method"] == "as-l0.2"]
+    assert lam and all(e.overrides["as_lambda"] == 0.2 and e.overrides["method"] == "as" for e in lam)
+    constant = [e for e in sweep if e.columns["schedule"] == "constant"]
+    assert constant and all(e.overrides["schedule"] == "constant" for e in constant)
+    assert {e.columns["init_sigma"] for e in sweep} == {0.02, 0.05, 0.15, 0.3}
+
+
+def test_a_map_with_an_unknown_method_is_refused():
+    with pytest.raises(ConfigError, match="unknown map methods"):
+        dataclasses.replace(SCALES["smoke"].regime_map, sweep_cells=(("lenet5", "constant", 0.1, ("as-typo",)),))

@@ -21,8 +21,9 @@ from .. import report
 
 PROTOCOLS = {"running": "running statistics", "recalibrated": "recalibrated per sample"}
 #: a cell's rows, in order
-MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "as-n1", "as-late", "vi-longer", "deterministic", "ensemble")
-AS_VARIANTS = ("as", "free", "asnorm", "as-n1", "as-late")  # compared with the cell's VI at the same epochs
+MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "vi-longer", "deterministic",
+                    "ensemble")
+AS_VARIANTS = ("as", "free", "asnorm", "as-l0.2", "as-n1", "as-late")  # compared with the cell's VI at the same epochs
 NETWORKS = ("deterministic", "ensemble")  # deterministic networks: no initial sigma, running statistics only
 
 
@@ -182,18 +183,19 @@ def _cost(run: dict[str, Any]) -> float:
 
 #: Cost-plot series of their own within a cell: VI trained longer (a dashed line from the cell's VI), and
 #: AS on normalised layers and the cheaper AS, points that would make the cell's line double back on itself.
-_OWN_SERIES = {"vi-longer": ", VI longer", "asnorm": ", AS normalised layers", "as-n1": ", AS one step",
-               "as-late": ", AS late"}
+_OWN_SERIES = {"vi-longer": ", VI longer", "asnorm": ", AS normalised layers", "as-l0.2": ", AS λ 0.2",
+               "as-n1": ", AS one step", "as-late": ", AS late"}
 
 
-def _series_label(key: tuple) -> str:
+def _series_label(key: tuple, schedules: set[str]) -> str:
     """The cost-plot line a row belongs to: its cell's (VI, free AS, AS), the cell's VI trained
     longer, the cell's AS on normalised layers, or its model's deep ensembles (one deterministic
-    network, then 2..M of them)."""
-    model, _, sigma, method, _ = key
+    network, then 2..M of them). The schedule is named where the runs have more than one."""
+    model, schedule, sigma, method, _ = key
+    prefix = f"{model}, {schedule}" if len(schedules) > 1 else model
     if method in NETWORKS:
-        return f"{model}, deep ensemble"
-    return f"{model}, σ0 {sigma:g}" + _OWN_SERIES.get(method, "")
+        return f"{prefix}, deep ensemble"
+    return f"{prefix}, σ0 {sigma:g}" + _OWN_SERIES.get(method, "")
 
 
 def cost_series(runs: list[dict], protocol: str, path: tuple[str, ...],
@@ -204,12 +206,13 @@ def cost_series(runs: list[dict], protocol: str, path: tuple[str, ...],
     the mean over all members."""
     series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     vi_points: dict[str, tuple[float, float]] = {}
+    schedules = {_cell_key(r)[1] for r in runs}
     for key, group in _rows(runs):
         values, cost = _metric(group, protocol, path), _cost(group[0])
         if not values or not np.isfinite(cost):
             continue
         point = (cost, scale * float(np.mean(values)))
-        label = _series_label(key)
+        label = _series_label(key, schedules)
         if key[3] == "vi":
             vi_points[f"{label}, VI longer"] = point
         series[label][0].append(point[0])
@@ -264,6 +267,8 @@ def _equal_compute_legend(runs: list[dict]) -> str:
     if any(c["method"] == "asnorm" for c in columns):
         text += (" AS with its sign steps on normalised layers only costs what AS does (N + 2 passes a step): "
                  "one point per cell, in a colour of its own.")
+    if any(c["method"] == "as-l0.2" for c in columns):
+        text += " AS with lambda 0.2 costs what AS does: one point per cell, in a colour of its own."
     if any(c["method"] in ("as-n1", "as-late") for c in columns):
         text += (" The cheaper AS (one larger sign step: 3 passes a step; AS only in the last epochs: VI's pass "
                  "before them) are one point each, in colours of their own.")
@@ -284,6 +289,9 @@ def _arm_rows_note(runs: list[dict]) -> str:
     if "asnorm" in methods:
         text += (" *AS, normalised layers*: AS whose sign steps move only the noise of BatchNorm layers and of the "
                  "conv / linear layers feeding straight into one (`as_layers: normalised`), N + 2 passes a step.")
+    if "as-l0.2" in methods:
+        text += (" *AS, lambda 0.2*: AS with 20 % of the loss on the adversarial sample and 80 % on the ordinary one "
+                 "(the paper's lambda 0.8 the other way round), N + 2 passes a step.")
     if "as-n1" in methods:
         text += (" *AS, one step of 0.1*: the search in one sign step of alpha = 0.1 (N x alpha as the paper's "
                  "5 x 0.02), 3 passes a step.")

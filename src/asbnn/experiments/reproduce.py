@@ -108,8 +108,15 @@ class RegimeMap:
     # seed, planned after everything else
     cheaper_as: tuple[str, ...] = ()
     cheaper_as_cells: tuple[tuple[str, float], ...] = ()
+    # cells beyond the cross product, one factor moved from it at a time (initial sigma to the ends of its
+    # range, the constant schedule, AS's lambda): (model, schedule, initial sigma, methods). Planned after
+    # everything else, seed by seed, so the first seed of every such cell lands before any second seed.
+    sweep_cells: tuple[tuple[str, str, float, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
+        methods = {*self.methods, *self.cheaper_as, *(m for *_, ms in self.sweep_cells for m in ms)}
+        if unknown := sorted(methods - {*MAP_METHODS, "as-late"}):
+            raise ConfigError(f"unknown map methods {unknown}: choose from {sorted({*MAP_METHODS, 'as-late'})}")
         base_epochs = self.base.get("epochs", TrainConfig.epochs)
         if any(e <= base_epochs for e in self.longer_epochs):
             raise ConfigError(f"longer_epochs {self.longer_epochs} must exceed the base's {base_epochs} epochs: "
@@ -122,7 +129,9 @@ MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
                "free": ("free AS", {"method": "as", "as_variant": "free"}),
                "asnorm": ("AS, normalised layers", {"method": "as", "as_layers": "normalised"}),
                # cheaper AS: one larger sign step (the same N x alpha = 0.1 as the paper's 5 x 0.02; 3 passes a step)
-               "as-n1": ("AS, one step of 0.1", {"method": "as", "as_steps": 1, "as_step_size": 0.1})}
+               "as-n1": ("AS, one step of 0.1", {"method": "as", "as_steps": 1, "as_step_size": 0.1}),
+               # lambda: AS's loss mostly on the ordinary sample (the paper's 0.8 puts it on the adversarial one)
+               "as-l0.2": ("AS, lambda 0.2", {"method": "as", "as_lambda": 0.2})}
 LATE_AS_SHARE = 0.4  # method as-late (cheaper AS): AS only in the last 40 % of the epochs, plain VI before
 
 
@@ -179,7 +188,9 @@ SCALES: dict[str, Scale] = {
             base=dict(epochs=2, train_subset=400, test_subset=200, eval_samples=3, as_steps=2,
                       lr_milestones=_milestones(2)),
             methods=("vi", "as", "free", "asnorm"), ood=("mnist",), ensemble_members=3, longer_epochs=(4,),
-            cheaper_as=("as-n1", "as-late"), cheaper_as_cells=(("allconv", 0.05),), note="seconds; for tests only"),
+            cheaper_as=("as-n1", "as-late"), cheaper_as_cells=(("allconv", 0.05),),
+            sweep_cells=(("lenet5", "constant", 0.15, ("vi", "as")), ("allconv", "multistep", 0.05, ("as-l0.2",))),
+            note="seconds; for tests only"),
     ),
     "cpu": Scale(
         pairs=(("fashion-mnist", "lenet5"),),
@@ -200,6 +211,13 @@ SCALES: dict[str, Scale] = {
             ensemble_members=7, longer_epochs=(10, 35), longer_seeds=1,
             # where AS lifted the lowest sampled network most under running statistics (+16 points)
             cheaper_as=("as-n1", "as-late"), cheaper_as_cells=(("allconv", 0.05),),
+            # session 7: the ends of the initial-sigma range, lambda 0.2 where AS helped or collapsed, and the
+            # constant schedule a new user would try first
+            sweep_cells=(*((model, "multistep", sigma, ("vi", "as", "free"))
+                           for sigma in (0.02, 0.3) for model in ("lenet5", "allconv")),
+                         ("allconv", "multistep", 0.05, ("as-l0.2",)), ("lenet5", "multistep", 0.15, ("as-l0.2",)),
+                         *((model, "constant", sigma, ("vi", "as", "free"))
+                           for sigma in (0.05, 0.15) for model in ("lenet5", "allconv"))),
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
                  "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set; "
@@ -208,7 +226,9 @@ SCALES: dict[str, Scale] = {
                  "at equal training cost beside them, deep ensembles of 2 to 7 deterministic networks of the same "
                  "recipe (evaluated with running statistics) and VI trained 10 and 35 epochs (one seed); "
                  "in the all-conv network at sigma 0.05, two cheaper AS: one sign step of 0.1 (3 passes a step) "
-                 "and AS only in the last 2 epochs"),
+                 "and AS only in the last 2 epochs; beyond the cross product, VI, AS and free AS at initial sigma "
+                 "0.02 and 0.3 and with a constant lr (sigma 0.05 and 0.15), and AS with lambda 0.2 in the "
+                 "all-conv sigma 0.05 and LeNet-5 sigma 0.15 cells"),
     ),
     "mid": Scale(
         pairs=(("cifar10", "resnet20"),),
@@ -321,6 +341,9 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
         for seed, method, (model, sigma), schedule in itertools.product(
                 range(n_seeds), grid.cheaper_as, grid.cheaper_as_cells, grid.schedules):
             add_cell_run(seed, method, model, schedule, sigma, *map_method(method, epochs))
+        for seed, (model, schedule, sigma, methods) in itertools.product(range(n_seeds), grid.sweep_cells):
+            for method in methods:
+                add_cell_run(seed, method, model, schedule, sigma, *map_method(method, epochs))
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
