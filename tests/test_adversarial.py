@@ -103,7 +103,8 @@ def test_batchnorm_policy(posterior, batch, policy, extra_updates):
 @pytest.mark.parametrize("kwargs, message", [
     ({"lam": 1.5}, "as_lambda"), ({"lam": -0.1}, "as_lambda"), ({"step_size": -0.01}, "alpha"),
     ({"steps": -1}, "as_steps"), ({"steps": 2.5}, "integer"), ({"bn_policy": "eval"}, "bn_policy"),
-    ({"layers": "conv"}, "as_layers"),
+    ({"layers": "conv"}, "as_layers"), ({"search_fraction": 0.0}, "as_search_fraction"),
+    ({"search_fraction": 1.5}, "as_search_fraction"), ({"search_fraction": float("nan")}, "as_search_fraction"),
 ])
 def test_bad_as_configs(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -286,3 +287,19 @@ def test_free_as_respects_the_mask(posterior, batch):
     (e0, g0), (e1, _) = seen
     assert torch.equal(e1, e0 + 0.02 * (g0.sign() * mask))
     assert torch.equal(e1[mask == 0], e0[mask == 0]) and not torch.equal(e1, e0)
+
+
+def test_the_search_on_part_of_the_batch_sees_only_its_first_share(posterior, batch):
+    """as_search_fraction 0.25: the sign steps on the first 16 of 64 images, L_adv on all 64; the search
+    differs from one on the whole batch, so the share is really used."""
+    x, y = batch
+    config = ASConfig(steps=3, search_fraction=0.25)
+    assert [len(t) for t in config.search_batch(x, y)] == [16, 16]
+    assert len(ASConfig(search_fraction=0.001).search_batch(x, y)[0]) == 1  # at least one image
+    parts = bayes_loss(posterior, x, y, kl_weight=1e-4, config=config, generator=torch.Generator().manual_seed(9))
+    eps = posterior.sample_eps(torch.Generator().manual_seed(9))
+    with frozen_bn_stats(posterior.model):
+        part = adversarial_eps(posterior, x[:16], y[:16], eps, steps=3, step_size=0.02)
+        whole = adversarial_eps(posterior, x, y, eps, steps=3, step_size=0.02)
+        assert torch.equal(parts.adv, F.cross_entropy(posterior(x, part), y))
+        assert not torch.equal(part, whole)

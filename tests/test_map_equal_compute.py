@@ -84,9 +84,9 @@ def test_report_rows_and_equal_compute_lines_of_the_arms(smoke_map):
     variants = {line.split("|")[4].strip() for line in gains}
     # at equal epochs, against VI; the cheaper AS and lambda 0.2 in the all-conv cell only (AS from the last of 2 epochs)
     assert variants == {"AS", "free AS", "AS, normalised layers", "AS, one step of 0.1", "AS from epoch 2",
-                        "AS, lambda 0.2"}
+                        "AS, lambda 0.2", "AS, search on 1/4 of the batch"}
     assert {line.split("|")[1].strip() for line in gains
-            if "one step" in line or "from epoch" in line or "lambda" in line} == {"allconv"}
+            if "one step" in line or "from epoch" in line or "lambda" in line or "1/4" in line} == {"allconv"}
     # the sweep's constant-schedule cell has its own VI to compare AS with
     assert [line.split("|")[4].strip() for line in gains if line.split("|")[2].strip() == "constant"] == ["AS"]
     for plot in ("map_cost_lowest.png", "map_cost_nll.png"):
@@ -103,6 +103,7 @@ def test_report_rows_and_equal_compute_lines_of_the_arms(smoke_map):
     # one step: 3 passes a step; AS from epoch 2 of 2: VI's 1 pass in epoch 1, N + 2 = 4 in epoch 2
     assert series["allconv, multistep, σ0 0.05, AS one step"][0] == [3 * vi_cost]
     assert series["allconv, multistep, σ0 0.05, AS late"][0] == [(1 + 4) / 2 * vi_cost]
+    assert series["allconv, multistep, σ0 0.05, AS search on 1/4"][0] == [(2 * 0.25 + 2) * vi_cost]  # N = 2 here
     ensemble = next(r for r in runs if r["exp"].name.endswith("lenet5-multistep-ensemble-x3"))
     assert series["lenet5, multistep, deep ensemble"][1][-1] == ensemble["evals"]["running"]["ensemble"]["nll"]  # running stats
 

@@ -231,8 +231,8 @@ def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=(), cheaper_as=(), sweep_cells=())
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
-    # + 8: AS on normalised layers; + 4: cheaper AS; + 2 x 26: the sweep cells
-    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 2 * 26
+    # + 8: AS on normalised layers; + 4: cheaper AS; + 2 x 27: the sweep cells
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 2 * 27
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -338,6 +338,11 @@ def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_ke
     constant = [e for e in sweep if e.columns["schedule"] == "constant"]
     assert constant and all(e.overrides["schedule"] == "constant" for e in constant)
     assert {e.columns["init_sigma"] for e in sweep} == {0.02, 0.05, 0.15, 0.3}
+    from asbnn.experiments.map_report import epoch_passes
+
+    quarter = [e for e in sweep if e.columns["method"] == "as-quarter"]
+    assert len(quarter) == 3 and quarter[0].overrides["as_search_fraction"] == 0.25
+    assert epoch_passes(make_config(overrides=quarter[0].overrides).to_dict()) == 5 * (5 / 4 + 2)
 
 
 def test_a_map_with_an_unknown_method_is_refused():

@@ -247,3 +247,13 @@ def test_as_first_epoch_must_be_an_epoch_of_an_as_run(shared_data):
         small(shared_data, method="as", as_first_epoch=3)
     with pytest.raises(ConfigError, match="as_first_epoch is a setting of method as"):
         small(shared_data, method="vi", as_first_epoch=2)
+
+
+def test_the_search_on_part_of_the_batch_is_a_setting_of_standard_as(shared_data):
+    with pytest.raises(ConfigError, match="as_search_fraction is a setting of standard AS"):
+        small(shared_data, method="as", as_variant="free", as_search_fraction=0.5)
+    with pytest.raises(ConfigError, match="as_search_fraction is a setting of standard AS"):
+        small(shared_data, method="vi", as_search_fraction=0.5)
+    with pytest.raises(ConfigError, match=r"as_search_fraction must be in \(0, 1\]"):
+        small(shared_data, method="as", as_search_fraction=0)
+    assert small(shared_data, method="as", as_search_fraction=0.25).as_config().search_fraction == 0.25

@@ -14,6 +14,11 @@ BatchNorm policy during the adversarial passes (`bn_policy`):
   networks only (the ones evaluated at test time).
 - "update" (the authors' code): every pass updates the running statistics.
 
+On how much of the batch the search runs (`search_fraction`): the N search passes may use only the
+first share of each (shuffled) batch, L_adv and L_p still all of it: a step then costs
+N x fraction + 2 passes. eps is one draw for the whole network, not one per image, so a smaller
+batch still finds a direction of the same dimension, only from a noisier gradient.
+
 Which noise the sign steps move (`layers`):
 - "all" (the paper): the noise of every Bayesian parameter.
 - "normalised": only the noise of BatchNorm layers and of the conv / linear layers that feed
@@ -26,6 +31,7 @@ Which noise the sign steps move (`layers`):
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,7 +66,8 @@ class ASConfig:
 
     kl_convention "paper" adds the KL unscaled (eq. 3); "authors" multiplies it by (1 - lambda)
     as the authors' code does, which removes the KL entirely at lambda = 1. layers "normalised"
-    restricts the sign steps to the noise of normalised layers (see the module docstring).
+    restricts the sign steps to the noise of normalised layers, search_fraction < 1 runs them on
+    that share of the batch (see the module docstring).
     """
 
     steps: int = 5
@@ -69,6 +76,7 @@ class ASConfig:
     kl_convention: KLConvention = "paper"
     bn_policy: BNPolicy = "freeze"
     layers: ASLayers = "all"
+    search_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _check_search(self.steps, self.step_size)
@@ -80,6 +88,16 @@ class ASConfig:
             raise ConfigError(f"bn_policy must be 'freeze' or 'update', got {self.bn_policy!r}")
         if self.layers not in ("all", "normalised"):
             raise ConfigError(f"as_layers must be 'all' or 'normalised', got {self.layers!r}")
+        check_number("as_search_fraction", self.search_fraction)
+        if not 0.0 < self.search_fraction <= 1.0:
+            raise ConfigError(f"as_search_fraction must be in (0, 1], got {self.search_fraction}")
+
+    def search_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The part of a batch the sign steps see: its first ceil(fraction x size) examples (at least one)."""
+        if self.search_fraction == 1.0:
+            return x, y
+        size = max(1, math.ceil(self.search_fraction * len(x)))
+        return x[:size], y[:size]
 
 
 VI = ASConfig(lam=0.0)
@@ -264,13 +282,14 @@ def bayes_loss(
 ) -> LossParts:
     """The loss of eq. 3 on one batch; `config.lam == 0` is plain VI (no adversarial passes).
 
-    Call `.total.backward()` on the result. Costs N + 2 forward-backward passes with AS, one without.
+    Call `.total.backward()` on the result. Costs N + 2 forward-backward passes with AS (N x
+    search_fraction + 2 with the search on part of the batch), one without.
     """
     check_number("kl_weight", kl_weight)
     eps_adv = None
     if config.lam > 0:
         eps_adv = adversarial_eps(
-            posterior, x, y, posterior.sample_eps(generator), config.steps, config.step_size,
+            posterior, *config.search_batch(x, y), posterior.sample_eps(generator), config.steps, config.step_size,
             bn_policy=config.bn_policy, loss_fn=loss_fn, mask=_search_mask(posterior, config),
         )
     return _equation_3(posterior, x, y, eps_adv, kl_weight, config, loss_fn, generator)

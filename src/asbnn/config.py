@@ -75,6 +75,7 @@ class TrainConfig:
     # normalised: sign steps only on the noise of BatchNorm layers and the conv / linear layers feeding one
     as_layers: Literal["all", "normalised"] = "all"
     as_first_epoch: int = 1  # AS from this (1-based) epoch on, plain VI before it: AS only in the last epochs
+    as_search_fraction: float = 1.0  # the N sign steps on this share of each batch (L_adv on all of it)
     # run
     seed: int = 42
     device: str = "auto"
@@ -107,6 +108,7 @@ class TrainConfig:
         return ASConfig(
             steps=self.as_steps, step_size=self.as_step_size, lam=lam,
             kl_convention=self.kl_convention, bn_policy=self.bn_policy, layers=self.as_layers,
+            search_fraction=self.as_search_fraction,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,9 +224,12 @@ def validate(cfg: TrainConfig) -> None:
                           f"got {cfg.as_first_epoch}")
     if cfg.method != "as" and cfg.as_first_epoch != 1:
         raise ConfigError(f"as_first_epoch is a setting of method as; method {cfg.method} needs as_first_epoch 1")
+    if cfg.as_search_fraction != 1 and not (cfg.method == "as" and cfg.as_variant == "standard"):
+        raise ConfigError("as_search_fraction is a setting of standard AS (method as, as_variant standard): free "
+                          "AS has no search passes to shrink; leave it at 1")
     cfg.posterior_config()  # PosteriorConfig and ASConfig check their own ranges
-    ASConfig(steps=cfg.as_steps, step_size=cfg.as_step_size, lam=cfg.as_lambda,
-             kl_convention=cfg.kl_convention, bn_policy=cfg.bn_policy, layers=cfg.as_layers)
+    ASConfig(steps=cfg.as_steps, step_size=cfg.as_step_size, lam=cfg.as_lambda, kl_convention=cfg.kl_convention,
+             bn_policy=cfg.bn_policy, layers=cfg.as_layers, search_fraction=cfg.as_search_fraction)
 
 
 #: Keys that change how fast a run goes or what it writes, not what it computes (up to the last bits

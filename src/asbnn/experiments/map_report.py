@@ -21,9 +21,9 @@ from .. import report
 
 PROTOCOLS = {"running": "running statistics", "recalibrated": "recalibrated per sample"}
 #: a cell's rows, in order
-MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "vi-longer", "deterministic",
-                    "ensemble")
-AS_VARIANTS = ("as", "free", "asnorm", "as-l0.2", "as-n1", "as-late")  # compared with the cell's VI at the same epochs
+MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "as-quarter", "vi-longer",
+                    "deterministic", "ensemble")
+AS_VARIANTS = ("as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "as-quarter")  # compared with the cell's VI at the same epochs
 NETWORKS = ("deterministic", "ensemble")  # deterministic networks: no initial sigma, running statistics only
 
 
@@ -148,12 +148,15 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def passes_per_step(config: dict[str, Any]) -> int:
+def passes_per_step(config: dict[str, Any]) -> float:
     """Forward-backward passes of one training step: VI 1, standard AS N + 2 (on normalised layers
-    only too: the mask changes which noise moves, not the passes), free AS 2."""
+    only too: the mask changes which noise moves, not the passes; N x fraction + 2 with the search on
+    a fraction of the batch), free AS 2."""
     if config["method"] != "as":
         return 1
-    return 2 if config.get("as_variant") == "free" else config["as_steps"] + 2
+    if config.get("as_variant") == "free":
+        return 2
+    return config["as_steps"] * config.get("as_search_fraction", 1.0) + 2
 
 
 def epoch_passes(config: dict[str, Any]) -> float:
@@ -184,7 +187,7 @@ def _cost(run: dict[str, Any]) -> float:
 #: Cost-plot series of their own within a cell: VI trained longer (a dashed line from the cell's VI), and
 #: AS on normalised layers and the cheaper AS, points that would make the cell's line double back on itself.
 _OWN_SERIES = {"vi-longer": ", VI longer", "asnorm": ", AS normalised layers", "as-l0.2": ", AS λ 0.2",
-               "as-n1": ", AS one step", "as-late": ", AS late"}
+               "as-n1": ", AS one step", "as-late": ", AS late", "as-quarter": ", AS search on 1/4"}
 
 
 def _series_label(key: tuple, schedules: set[str]) -> str:
@@ -269,9 +272,10 @@ def _equal_compute_legend(runs: list[dict]) -> str:
                  "one point per cell, in a colour of its own.")
     if any(c["method"] == "as-l0.2" for c in columns):
         text += " AS with lambda 0.2 costs what AS does: one point per cell, in a colour of its own."
-    if any(c["method"] in ("as-n1", "as-late") for c in columns):
+    if any(c["method"] in ("as-n1", "as-late", "as-quarter") for c in columns):
         text += (" The cheaper AS (one larger sign step: 3 passes a step; AS only in the last epochs: VI's pass "
-                 "before them) are one point each, in colours of their own.")
+                 "before them; the search on a quarter of each batch: 5 x 1/4 + 2 = 3.25 passes) are one point "
+                 "each, in colours of their own.")
     return text
 
 
@@ -297,6 +301,9 @@ def _arm_rows_note(runs: list[dict]) -> str:
                  "5 x 0.02), 3 passes a step.")
     if "as-late" in methods:
         text += " *AS from epoch E*: plain VI before epoch E, AS from it on (`as_first_epoch`)."
+    if "as-quarter" in methods:
+        text += (" *AS, search on 1/4 of the batch*: the N = 5 sign steps on the first quarter of each shuffled batch, "
+                 "L_adv and L_p on all of it (`as_search_fraction: 0.25`), 5 x 1/4 + 2 = 3.25 passes a step.")
     return text
 
 

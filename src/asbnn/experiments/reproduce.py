@@ -131,7 +131,9 @@ MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
                # cheaper AS: one larger sign step (the same N x alpha = 0.1 as the paper's 5 x 0.02; 3 passes a step)
                "as-n1": ("AS, one step of 0.1", {"method": "as", "as_steps": 1, "as_step_size": 0.1}),
                # lambda: AS's loss mostly on the ordinary sample (the paper's 0.8 puts it on the adversarial one)
-               "as-l0.2": ("AS, lambda 0.2", {"method": "as", "as_lambda": 0.2})}
+               "as-l0.2": ("AS, lambda 0.2", {"method": "as", "as_lambda": 0.2}),
+               # cheaper AS: the paper's 5 sign steps on a quarter of each batch (5 x 1/4 + 2 = 3.25 passes a step)
+               "as-quarter": ("AS, search on 1/4 of the batch", {"method": "as", "as_search_fraction": 0.25})}
 LATE_AS_SHARE = 0.4  # method as-late (cheaper AS): AS only in the last 40 % of the epochs, plain VI before
 
 
@@ -189,7 +191,8 @@ SCALES: dict[str, Scale] = {
                       lr_milestones=_milestones(2)),
             methods=("vi", "as", "free", "asnorm"), ood=("mnist",), ensemble_members=3, longer_epochs=(4,),
             cheaper_as=("as-n1", "as-late"), cheaper_as_cells=(("allconv", 0.05),),
-            sweep_cells=(("lenet5", "constant", 0.15, ("vi", "as")), ("allconv", "multistep", 0.05, ("as-l0.2",))),
+            sweep_cells=(("lenet5", "constant", 0.15, ("vi", "as")),
+                         ("allconv", "multistep", 0.05, ("as-l0.2", "as-quarter"))),
             note="seconds; for tests only"),
     ),
     "cpu": Scale(
@@ -217,7 +220,8 @@ SCALES: dict[str, Scale] = {
                            for sigma in (0.02, 0.3) for model in ("lenet5", "allconv")),
                          ("allconv", "multistep", 0.05, ("as-l0.2",)), ("lenet5", "multistep", 0.15, ("as-l0.2",)),
                          *((model, "constant", sigma, ("vi", "as", "free"))
-                           for sigma in (0.05, 0.15) for model in ("lenet5", "allconv"))),
+                           for sigma in (0.05, 0.15) for model in ("lenet5", "allconv")),
+                         ("allconv", "multistep", 0.05, ("as-quarter",))),
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
                  "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set; "
@@ -228,7 +232,8 @@ SCALES: dict[str, Scale] = {
                  "in the all-conv network at sigma 0.05, two cheaper AS: one sign step of 0.1 (3 passes a step) "
                  "and AS only in the last 2 epochs; beyond the cross product, VI, AS and free AS at initial sigma "
                  "0.02 and 0.3 and with a constant lr (sigma 0.05 and 0.15), and AS with lambda 0.2 in the "
-                 "all-conv sigma 0.05 and LeNet-5 sigma 0.15 cells"),
+                 "all-conv sigma 0.05 and LeNet-5 sigma 0.15 cells, and AS with its search on a quarter of each "
+                 "batch in the all-conv sigma 0.05 cell"),
     ),
     "mid": Scale(
         pairs=(("cifar10", "resnet20"),),
@@ -425,7 +430,8 @@ def _add_equal_compute_arms(grid: RegimeMap, add: Callable[..., Experiment]) -> 
 
 #: TrainConfig fields added after RESULTS_VERSION 2, with the value that means "not used": a run key
 #: hashes such a field only when it is set, so adding the field kept the key of every earlier run.
-UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "as_layers": "all", "as_first_epoch": 1}
+UNHASHED_DEFAULTS: dict[str, Any] = {"dropout": 0.0, "as_layers": "all", "as_first_epoch": 1,
+                                    "as_search_fraction": 1.0}
 
 
 def _key(exp: Experiment) -> str:
