@@ -5,6 +5,7 @@ import json
 import os
 import socket
 
+import numpy as np
 import pytest
 
 import asbnn.experiments.reproduce as reproduce_module
@@ -348,3 +349,12 @@ def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_ke
 def test_a_map_with_an_unknown_method_is_refused():
     with pytest.raises(ConfigError, match="unknown map methods"):
         dataclasses.replace(SCALES["smoke"].regime_map, sweep_cells=(("lenet5", "constant", 0.1, ("as-typo",)),))
+
+
+def test_rank_correlation_orders_like_spearman():
+    from asbnn.experiments.map_report import rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 400]) == pytest.approx(1.0)  # monotone, not linear
+    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert np.isnan(rank_correlation([1, 2], [2, 1]))

@@ -142,6 +142,9 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
                 row[f"nll_{protocol}"] = np.mean(nll_a) - np.mean(nll_v) if nll_a and nll_v else float("nan")
             row["vi_std"] = 100 * float(np.mean(_metric(vi, "running", ("sampled", "std"))))
             row["vi_width"] = float(np.mean([_width(r) for r in vi]))
+            lowest = {p: _metric(vi, p, ("sampled", "lowest")) for p in PROTOCOLS}
+            row["vi_bn_lift"] = (100 * (np.mean(lowest["recalibrated"]) - np.mean(lowest["running"]))
+                                 if all(lowest.values()) else float("nan"))
             row["cost"] = float(np.mean([r["meta"]["train_seconds"] for r in adv])
                                 / np.mean([r["meta"]["train_seconds"] for r in vi]))
             out.append(row)
@@ -329,9 +332,7 @@ def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
           f"{r['ensemble_running']:+.2f}", f"{r['ensemble_recalibrated']:+.2f}",
           f"{r['nll_running']:+.3f}", f"{r['nll_recalibrated']:+.3f}",
           f"{r['vi_std']:.2f}", f"{r['vi_width']:.2f}", f"{r['cost']:.1f}x"] for r in rows]), ""]
-    for predictor, xlabel, name in (("vi_std", "std of VI's 100 sampled accuracies (points, running stats)",
-                                     "map_gain_vs_vi_spread.png"),
-                                    ("vi_width", "VI's posterior width σ/|μ|", "map_gain_vs_vi_width.png")):
+    for predictor, (xlabel, name) in PREDICTORS.items():
         panels = {}
         for protocol, title in PROTOCOLS.items():
             series: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
@@ -347,4 +348,49 @@ def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
             report.plot_scatter_panels(panels, xlabel, "AS - VI, lowest sampled accuracy (points)", plots / name,
                                        zero_line=True)
             lines += [f"![gain against {predictor}](plots/{name})", ""]
-    return lines + _equal_compute(runs, plots)
+    return lines + _predictor_table(rows) + _equal_compute(runs, plots)
+
+
+#: What VI's posterior looked like, as candidates for predicting AS's gain: (axis label, plot file).
+PREDICTORS = {
+    "vi_std": ("std of VI's 100 sampled accuracies (points, running stats)", "map_gain_vs_vi_spread.png"),
+    "vi_width": ("VI's posterior width σ/|μ|", "map_gain_vs_vi_width.png"),
+    "vi_bn_lift": ("recalibration's lift of VI's lowest sampled accuracy (points)", "map_gain_vs_vi_bn_lift.png"),
+}
+
+
+def rank_correlation(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rho: the correlation of the ranks (ties ranked by order; NaN below 3 points)."""
+    if len(xs) < 3:
+        return float("nan")
+    ranks = [np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float) for v in (xs, ys)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def _predictor_table(rows: list[dict[str, Any]]) -> list[str]:
+    """How well each candidate orders the gains of each AS variant over the cells: rank correlation of
+    predictor and the AS - VI lowest sampled accuracy, under both protocols (variants in 3+ cells)."""
+    table = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        if len(mine) < 3:
+            continue
+        cells = []
+        for predictor in PREDICTORS:
+            for protocol in PROTOCOLS:
+                pairs = [(r[predictor], r[f"lowest_{protocol}"]) for r in mine
+                         if np.isfinite(r[predictor]) and np.isfinite(r[f"lowest_{protocol}"])]
+                rho = rank_correlation(*map(list, zip(*pairs))) if len(pairs) >= 3 else float("nan")
+                cells.append("–" if not np.isfinite(rho) else f"{rho:+.2f}")
+        table.append([label, len(mine), *cells])
+    if not table:
+        return []
+    header = ["variant", "cells"] + [f"{name} / {'running' if p == 'running' else 'recal.'} gain"
+                                     for name in ("VI std", "VI σ/|μ|", "recal. lift") for p in PROTOCOLS]
+    return ["### What predicts the gain: rank correlation with AS - VI in the lowest sampled accuracy", "",
+            report.markdown_table(header, table), "",
+            "Spearman's rho over the cells of each variant between a predictor and the gain under either protocol "
+            "(+1: the larger the predictor, the larger the gain). "
+            "VI std: the spread of VI's 100 sampled accuracies under running statistics; VI σ/|μ|: its posterior "
+            "width; recal. lift: how much per-sample recalibration raises VI's lowest sampled accuracy, the part of "
+            "its spread that is BatchNorm statistics.", ""]
