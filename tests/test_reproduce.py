@@ -201,7 +201,7 @@ def test_equal_compute_arms_come_after_the_map_and_build_on_their_members():
     grid = SCALES["smoke"].regime_map
     experiments = [e for e in plan(["map"], "smoke")  # the cheaper AS and the sweep cells are planned last
                    if e.columns["method"] not in grid.cheaper_as and e.columns["schedule"] in grid.schedules
-                   and e.columns["method"] not in {m for *_, ms in grid.sweep_cells for m in ms} - set(grid.methods)
+                   and e.columns["method"] not in {m for cell in grid.sweep_cells for m in cell.methods} - set(grid.methods)
                    and e.columns["init_sigma"] in (*grid.init_sigmas, None)]
     methods = [e.columns["method"] for e in experiments]
     arms = ("deterministic", "ensemble", "vi-longer")
@@ -232,8 +232,8 @@ def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=(), cheaper_as=(), sweep_cells=())
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
-    # + 8: AS on normalised layers; + 4: cheaper AS; + 2 x 27: the sweep cells
-    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 2 * 27
+    # + 8: AS on normalised layers; + 4: cheaper AS; + 27 + 23: the sweep cells (two of them have one seed)
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 27 + 23
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -331,8 +331,14 @@ def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_ke
     before = [(e.name, e.key) for e in plan(["map"], "cpu", 3)]
     assert len(before) == 88 and [(e.name, e.key) for e in planned[:88]] == before
     sweep = planned[88:]
-    per_seed = sum(len(methods) for *_, methods in cpu.regime_map.sweep_cells)
-    assert len(sweep) == 3 * per_seed and [e.columns["seed"] for e in sweep] == sorted(e.columns["seed"] for e in sweep)
+    cells = cpu.regime_map.sweep_cells
+    assert len(sweep) == sum(min(3, cell.seeds) * len(cell.methods) for cell in cells)
+    assert [e.columns["seed"] for e in sweep] == sorted(e.columns["seed"] for e in sweep)
+    assert len([e for e in sweep if e.columns["seed"] == 0]) == sum(len(cell.methods) for cell in cells)
+    one_seed = {(c.model, c.schedule, c.init_sigma, m) for c in cells if c.seeds == 1 for m in c.methods}
+    assert one_seed and all(e.columns["seed"] == 0 for e in sweep
+                            if (e.columns["model"], e.columns["schedule"], e.columns["init_sigma"],
+                                e.columns["method"]) in one_seed)
     assert all(e.protocols == ("running", "recalibrated") and e.ood == ("mnist",) for e in sweep)
     lam = [e for e in sweep if e.columns["method"] == "as-l0.2"]
     assert lam and all(e.overrides["as_lambda"] == 0.2 and e.overrides["method"] == "as" for e in lam)
@@ -348,7 +354,8 @@ def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_ke
 
 def test_a_map_with_an_unknown_method_is_refused():
     with pytest.raises(ConfigError, match="unknown map methods"):
-        dataclasses.replace(SCALES["smoke"].regime_map, sweep_cells=(("lenet5", "constant", 0.1, ("as-typo",)),))
+        dataclasses.replace(SCALES["smoke"].regime_map,
+                            sweep_cells=(reproduce_module.SweepCell("lenet5", "constant", 0.1, ("as-typo",)),))
 
 
 def test_rank_correlation_orders_like_spearman():
