@@ -23,7 +23,8 @@ PROTOCOLS = {"running": "running statistics", "recalibrated": "recalibrated per 
 #: a cell's rows, in order
 MAP_METHOD_ORDER = ("vi", "as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "as-quarter", "vi-longer",
                     "deterministic", "ensemble")
-AS_VARIANTS = ("as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "as-quarter")  # compared with the cell's VI at the same epochs
+# compared with the cell's VI at the same epochs
+AS_VARIANTS = ("as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "as-quarter")
 NETWORKS = ("deterministic", "ensemble")  # deterministic networks: no initial sigma, running statistics only
 
 
