@@ -89,6 +89,13 @@ def test_report_rows_and_equal_compute_lines_of_the_arms(smoke_map):
             if "one step" in line or "from epoch" in line or "lambda" in line or "1/4" in line} == {"allconv"}
     # the sweep's constant-schedule cell has its own VI to compare AS with
     assert [line.split("|")[4].strip() for line in gains if line.split("|")[2].strip() == "constant"] == ["AS"]
+    # AS has 3 cells (2 of the grid, the sweep's one): a rank correlation per predictor and protocol
+    predicts = [line for line in text.split("### What predicts the gain")[1].split("###")[0].splitlines()
+                if line.startswith("| ")][2:]
+    assert [line.split("|")[1].strip() for line in predicts] == ["AS"]
+    rhos = [cell.strip() for cell in predicts[0].split("|")[3:-1]]
+    assert len(rhos) == 6 and all(r == "–" or -1 <= float(r) <= 1 for r in rhos) and any(r != "–" for r in rhos)
+    assert (out / "plots" / "map_gain_vs_vi_bn_lift.png").read_bytes()[:4] == b"\x89PNG"
     for plot in ("map_cost_lowest.png", "map_cost_nll.png"):
         assert (out / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     assert "deep-ensemble line" in text and "VI trained longer" in text and "`as_layers: normalised`" in text
