@@ -127,8 +127,9 @@ class RegimeMap:
 
     def __post_init__(self) -> None:
         methods = {*self.methods, *self.cheaper_as, *(m for cell in self.sweep_cells for m in cell.methods)}
-        if unknown := sorted(methods - {*MAP_METHODS, "as-late"}):
-            raise ConfigError(f"unknown map methods {unknown}: choose from {sorted({*MAP_METHODS, 'as-late'})}")
+        known = {*MAP_METHODS, "as-late"}  # as-late: `map_method`
+        if unknown := sorted(methods - known):
+            raise ConfigError(f"unknown map methods {unknown}: choose from {sorted(known)}")
         base_epochs = self.base.get("epochs", TrainConfig.epochs)
         if any(e <= base_epochs for e in self.longer_epochs):
             raise ConfigError(f"longer_epochs {self.longer_epochs} must exceed the base's {base_epochs} epochs: "
