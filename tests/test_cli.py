@@ -120,6 +120,7 @@ def bad_values(tmp_path):
             "device": ([missing, "--device", "cuda:x"], "--device"),
             "amp": ([missing, "--amp=1"], "--amp"),
             "bn_recalibrate": ([missing, "--bn-recalibrate=1"], "--bn-recalibrate"),
+            "all_test_images": ([missing, "--all-test-images=1"], "--all-test-images"),
             "ensemble": ([missing, "--ensemble=1"], "--ensemble"),
             "calibrate": ([missing, "--calibrate=1"], "--calibrate"),
             "shift": ([missing, "--shift=1"], "--shift"),

@@ -180,7 +180,8 @@ def test_every_run_key_of_the_running_experiments_survives_amp_auto():
     map_runs = [e for e in plan(["map"], "cpu", 2) if e.columns["method"] in ("vi", "as", "free")
                 and _in_cross_product(e, grid)]  # the sweep cells came later too
     assert len(map_runs) == 24 and digest(map_runs) == "0708c9c7a13cb052"  # the equal-compute arms came later
-    assert digest([e for e in plan(["table2"], "mid") if "table2-cost" not in e.tables]) == "d471e995ee584e8b"
+    assert digest([e for e in plan(["table2"], "mid") if e.tables == {"table2"} or "table2-det" in e.tables]) \
+        == "d471e995ee584e8b"
 
 
 def test_quickstart_trade_summary_names_each_difference():
@@ -303,6 +304,30 @@ def test_vi_fine_tuned_longer_builds_on_seed_0s_network_and_keeps_table_2s_keys(
         assert "lr_milestones" not in exp.overrides  # cosine: the schedule stretches with the epochs
     smoke = next(e for e in plan(["table2"], "smoke") if "table2-cost" in e.tables)
     assert smoke.overrides["lr_milestones"] == [1, 2, 3]  # multistep: milestones scaled like the map's
+
+
+def test_table2_fine_tunes_are_evaluated_again_on_every_test_image(shared_data, tmp_path, monkeypatch):
+    """A scale with `all_test_images` plans, after every training run, one evaluation-only run per
+    fine-tune: its network on the whole test set, keyed apart from it, waiting until it is trained."""
+    mid = plan(["table2"], "mid")
+    whole = [e for e in mid if "table2-all-test" in e.tables]
+    assert [e.evaluates.name for e in whole] == [e.name for e in mid if e.tables == {"table2"}]
+    assert mid[-len(whole):] == whole and all(e.ood == () and e.key != e.evaluates.key for e in whole)
+    monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(SCALES["smoke"], all_test_images=True))
+    planned = plan(["table2"], "smoke")
+    exp = next(e for e in planned if "table2-all-test" in e.tables and e.columns["method"] == "vi")
+    assert not run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)  # not trained yet
+    for dep in (exp.evaluates.init_from, exp.evaluates):
+        assert run_experiment(tmp_path, dep, "smoke", str(shared_data), "cpu", progress=False)
+    assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False)
+    subset = json.loads((run_dir(tmp_path, exp.evaluates) / "run" / "eval" / "eval.json").read_text())
+    every = json.loads((run_dir(tmp_path, exp) / "run" / "eval" / "eval.json").read_text())
+    assert (subset["num_inputs"], every["num_inputs"]) == (200, 10_000) and every["config"]["test_subset"] is None
+    assert every["num_samples"] == subset["num_samples"] == exp.overrides["eval_samples"]
+    meta = json.loads((run_dir(tmp_path, exp) / "done.json").read_text())
+    assert "--all-test-images" in meta["command"] and set(meta["eval_seconds"]) == {"running"}
+    report = reproduce(["table2"], "smoke", tmp_path, report_only=True, progress=False).read_text()
+    assert "### The same fine-tunes on the whole test set (10,000 images)" in report
 
 
 def test_cheaper_as_comes_last_in_its_cells_and_moves_no_earlier_run():

@@ -67,15 +67,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
                   save_probs=args.save_probs, device=args.device, amp=args.amp, calibrate=args.calibrate,
                   shift=args.shift, shift_samples=args.shift_samples, shift_subset=args.shift_subset)
     if args.ensemble:
-        if args.bn_recalibrate:
-            raise AsbnnError("--bn-recalibrate is for sampled networks of one run, not for --ensemble")
+        if args.bn_recalibrate or args.all_test_images:
+            raise AsbnnError("--bn-recalibrate and --all-test-images are for one run, not for --ensemble")
         evaluate_ensemble(args.run, **extras)
     elif len(args.run) > 1:
         raise AsbnnError(f"{len(args.run)} runs given: evaluate them one at a time, or as one deep ensemble "
                          "with --ensemble")
     else:
         evaluate_run(args.run[0], num_samples=args.samples, mode=args.mode, bn_recalibrate=args.bn_recalibrate,
-                     **extras)
+                     all_test_images=args.all_test_images, **extras)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the run's data set is now, if it moved (an image folder or archive)")
     p.add_argument("--data-root", type=existing_folder)
     p.add_argument("--out", type=folder,
-                   help="output folder (default RUN/eval, RUN/eval-recalibrated with --bn-recalibrate)")
+                   help="output folder (default RUN/eval, RUN/eval-recalibrated with --bn-recalibrate, "
+                        "RUN/eval-all-test(-recalibrated) with --all-test-images)")
     p.add_argument("--mode", choices=["auto", "batched", "loop"], default="auto")
     p.add_argument("--save-probs", action="store_true",
                    help="also save per-sample probabilities (float16 npz) of the test, OOD, hold-out and shifted sets")
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "metrics within ~0.15 point; docs/benchmarks.md)")
     p.add_argument("--bn-recalibrate", action="store_true",
                    help="re-estimate BatchNorm statistics for each sampled network from 2,000 fixed training images")
+    p.add_argument("--all-test-images", action="store_true",
+                   help="evaluate on the whole test set (and whole OOD sets), not the run's test_subset")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="put several evaluated runs side by side")

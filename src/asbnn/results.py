@@ -47,6 +47,7 @@ def evaluate_run(
     progress: bool = True,
     amp: bool = False,
     bn_recalibrate: bool | Recalibration = False,
+    all_test_images: bool = False,
     calibrate: bool = False,
     shift: bool = False,
     shift_samples: int = 10,
@@ -64,7 +65,9 @@ def evaluate_run(
     its ECE within 0.14 point (docs/benchmarks.md).
     `bn_recalibrate` (True or a `Recalibration`) evaluates every sampled network with BatchNorm
     statistics re-estimated at its own eps from a fixed set of training images; its results go
-    to RUN/eval-recalibrated unless `out` says otherwise. `calibrate` adds temperature scaling
+    to RUN/eval-recalibrated unless `out` says otherwise. `all_test_images` evaluates on the whole
+    test set (and whole OOD sets) where the run was trained with a `test_subset`: its results go to
+    RUN/eval-all-test(-recalibrated), beside the subset's. `calibrate` adds temperature scaling
     fitted on a hold-out of training images; `shift` the corrupted test sets (`shift_samples`
     sampled networks on `shift_subset` test images). An MC-dropout run's sampled networks are
     dropout masks (`dropout.MCDropout`)."""
@@ -75,9 +78,11 @@ def evaluate_run(
     net, cfg, info = load_run(run, dev)
     fast, amp = amp, eval_in_bf16(dev, amp, cfg, info, net, channels_last=True)  # NHWC: as the fast evaluation runs
     locate_data(cfg, data, data_root)
+    if all_test_images:
+        cfg.test_subset = None  # recorded so in eval.json's config
     run_dir = checkpoint_path(run).parent
     recal = Recalibration() if bn_recalibrate is True else bn_recalibrate or None
-    out = Path(out) if out else run_dir / ("eval-recalibrated" if recal else "eval")
+    out = Path(out) if out else run_dir / eval_folder(recalibrated=bool(recal), all_test_images=all_test_images)
     mode = choose_mode(dev) if mode == "auto" else mode
     recal_batches = recalibration_batches(cfg, info, recal, dev) if recal else None
     if recal_batches is not None:
@@ -100,6 +105,11 @@ def evaluate_run(
             writer.add_histogram("sampled_model_accuracy", torch.tensor(result["per_sample_accuracy"]), cfg.epochs)
             writer.add_scalar("ensemble_accuracy", result["ensemble"]["accuracy"], cfg.epochs)
     return result
+
+
+def eval_folder(*, recalibrated: bool = False, all_test_images: bool = False) -> str:
+    """The default folder of an evaluation inside its run: eval, eval-recalibrated, eval-all-test, ..."""
+    return "eval" + ("-all-test" if all_test_images else "") + ("-recalibrated" if recalibrated else "")
 
 
 def evaluate_ensemble(

@@ -35,7 +35,7 @@ from ..config import TrainConfig, make_config
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, read_jsonl
 from ..posterior import Posterior
-from ..results import evaluate_ensemble, evaluate_run
+from ..results import eval_folder, evaluate_ensemble, evaluate_run
 from ..runfolder import CHECKPOINT, LOG, load_run
 from ..train import train
 from .reproduce_report import write_report
@@ -184,6 +184,9 @@ class Scale:
     # instead of the exact fp32 loop. Not in the run keys: it is how a run is evaluated, recorded in
     # each eval.json (timing.fast), and a finished evaluation is reused only if made the same way.
     fast_eval: bool = False
+    # Table 2's fine-tunes evaluated once more on the whole test set (a scale whose runs use a
+    # test_subset): an evaluation-only run each, planned after every training run, without OOD sets
+    all_test_images: bool = False
 
 
 def _milestones(epochs: int) -> list[int]:
@@ -260,13 +263,14 @@ SCALES: dict[str, Scale] = {
         pretrain=dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", epochs=30,
                       batch_size=128, test_subset=2000, amp=True),
         finetune_methods=("vi", "as", "free"), one_pretrained=True,
-        protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",), fast_eval=True,
+        protocols=("running", "recalibrated"), ood=("tiny-imagenet-val",), fast_eval=True, all_test_images=True,
         finetune_longer_epochs=(21, 6),  # AS's passes (N + 2 = 7 a step) over 3 epochs first, then free AS's (2)
         note="the paper's Table 2 protocol on 2 CPU cores: a deterministic ResNet-20 trained on CIFAR-10 (SGD lr 0.1, "
              "momentum 0.9, weight decay 5e-4, cosine, 30 epochs, batch 128), then VI, AS and free AS fine-tunes of "
              "3 epochs each from it (Adam lr 0.001, cosine, init sigma 0.05), every seed from the same network; "
              "100 sampled models on a fixed 2,000-image subset of the test set under both BatchNorm protocols, "
-             "2,000 Tiny ImageNet validation images as the OOD set; evaluated with the fast evaluation (eval --amp)",
+             "2,000 Tiny ImageNet validation images as the OOD set; evaluated with the fast evaluation (eval --amp); "
+             "then each seed's VI, AS and free AS fine-tune evaluated again on all 10,000 test images",
     ),
     "full": Scale(
         pairs=tuple((d, m) for d in ("cifar10", "cifar100") for m in ("resnet20", "resnet56", "vgg16_bn")),
@@ -290,6 +294,7 @@ class Experiment:
     ood: tuple[str, ...] = ()
     members: tuple[Experiment, ...] = ()  # a deep ensemble of these runs' networks: evaluated, not trained
     fast_eval: bool = False  # the scale's `fast_eval`: evaluated as `asbnn eval --amp` does
+    evaluates: Experiment | None = None  # evaluation only: this run's network on the whole test set
 
 
 #: Raised by hand whenever a change is meant to change results (what a run of a given config computes).
@@ -330,15 +335,17 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
     def add(table: str, name: str, overrides: dict[str, Any], columns: dict[str, Any],
             init_from: Experiment | None = None, base: dict[str, Any] | None = None,
             protocols: tuple[str, ...] = ("running",), ood: tuple[str, ...] = (),
-            members: tuple[Experiment, ...] = ()) -> Experiment:
+            members: tuple[Experiment, ...] = (), evaluates: Experiment | None = None) -> Experiment:
         exp = Experiment(name, {**(scale.base if base is None else base), **overrides}, columns, init_from,
-                         protocols=protocols, ood=ood, members=members, fast_eval=scale.fast_eval)
+                         protocols=protocols, ood=ood, members=members, fast_eval=scale.fast_eval,
+                         evaluates=evaluates)
         exp.key = _key(exp)
         exp = experiments.setdefault(exp.key, exp)
         exp.tables.add(table)
         exp.columns.update(columns)
         return exp
 
+    finetunes: list[Experiment] = []  # Table 2's
     grid = scale.regime_map
     if "map" in wanted and grid is not None:
         # VI and AS of every cell and seed first (the comparison the map is for), the other variants after
@@ -402,9 +409,10 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                 for method in scale.finetune_methods:
                     label, overrides = MAP_METHODS[method]
                     variant = OURS_VI if method == "vi" else Variant("as", free=method == "free")
-                    add("table2", f"{dataset}-{model}-finetune-{method}-s{seed}", {**common, **overrides},
+                    finetunes.append(add(
+                        "table2", f"{dataset}-{model}-finetune-{method}-s{seed}", {**common, **overrides},
                         {**cols, "variant": variant, "method": method}, init_from=det, protocols=scale.protocols,
-                        ood=scale.ood)
+                        ood=scale.ood))
                 if seed == 0:  # after seed 0's fine-tunes: VI fine-tuned as long as AS's variants cost
                     for epochs in scale.finetune_longer_epochs:
                         longer = {"epochs": epochs}
@@ -414,6 +422,9 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                             {**common, **MAP_METHODS["vi"][1], **longer},
                             {**cols, "method": "vi-longer", "epochs": epochs}, init_from=det,
                             protocols=scale.protocols, ood=scale.ood)
+    for run in finetunes if scale.all_test_images else ():
+        add("table2-all-test", f"{run.name}-all-test", run.overrides, dict(run.columns), init_from=run.init_from,
+            protocols=scale.protocols, evaluates=run)
     return list(experiments.values())
 
 
@@ -459,6 +470,8 @@ def _key(exp: Experiment) -> str:
                 "results_version": RESULTS_VERSION, "protocols": list(exp.protocols)}
     if exp.members:  # a deep ensemble: its members, in order (their number is M); hashed only when set
         identity["members"] = [m.key for m in exp.members]
+    if exp.evaluates:  # evaluation only, on the whole test set
+        identity["evaluates_on_all_test_images"] = exp.evaluates.key
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -513,14 +526,14 @@ def run_experiment(out: Path, exp: Experiment, scale: str, data_root: str | None
     folder = run_dir(out, exp)
     if is_done(out, exp):
         return True
-    needs = ([exp.init_from] if exp.init_from is not None else []) + list(exp.members)
+    needs = [dep for dep in (exp.init_from, exp.evaluates) if dep is not None] + list(exp.members)
     if not all(is_done(out, dep) for dep in needs):
         return False
     if not _claim(folder):
         return False
     try:
         began = time.perf_counter()
-        work = _evaluate_ensemble if exp.members else _train_and_evaluate
+        work = _evaluate_ensemble if exp.members else _evaluate_all_test if exp.evaluates else _train_and_evaluate
         made = work(out, exp, data_root, device, progress)
         meta = {
             "name": exp.name, "key": exp.key, "tables": sorted(exp.tables), "scale": scale,
@@ -545,7 +558,9 @@ def _train_and_evaluate(out: Path, exp: Experiment, data_root: str | None, devic
     cfg = make_config(overrides=overrides)
     train_dir = run_dir(out, exp) / "run"
     train(cfg, train_dir, resume=True, progress=progress)  # a killed worker's run goes on
-    results = {protocol: _finished_evaluation(train_dir, protocol, cfg.eval_samples, exp.ood, exp.fast_eval)
+    results = {protocol: _finished_evaluation(train_dir / eval_folder(recalibrated=protocol == "recalibrated"),
+                                              train_dir / CHECKPOINT, protocol, cfg.eval_samples, exp.ood,
+                                              exp.fast_eval)
                or evaluate_run(train_dir, num_samples=cfg.eval_samples, device=device, progress=False,
                                ood=list(exp.ood), bn_recalibrate=protocol == "recalibrated", amp=exp.fast_eval)
                for protocol in exp.protocols}
@@ -559,13 +574,13 @@ def _train_and_evaluate(out: Path, exp: Experiment, data_root: str | None, devic
     }
 
 
-def _finished_evaluation(train_dir: Path, protocol: str, num_samples: int, ood: tuple[str, ...],
+def _finished_evaluation(folder: Path, checkpoint: Path, protocol: str, num_samples: int, ood: tuple[str, ...],
                          fast: bool) -> dict[str, Any] | None:
-    """The evaluation a killed worker finished before it died (its eval.md, written last, is there, and
-    it is newer than the final checkpoint and made the same way: samples, OOD sets, fast or exact), so
-    that a resumed worker does not repeat half an hour of sampling; None if there is none to reuse."""
-    folder = train_dir / ("eval-recalibrated" if protocol == "recalibrated" else "eval")
-    summary, numbers, checkpoint = folder / "eval.md", folder / "eval.json", train_dir / CHECKPOINT
+    """The evaluation in `folder` a killed worker finished before it died (its eval.md, written last, is
+    there, and it is newer than the `checkpoint` it evaluated and made the same way: samples, OOD sets,
+    fast or exact), so that a resumed worker does not repeat half an hour of sampling; None if there is
+    none to reuse."""
+    summary, numbers = folder / "eval.md", folder / "eval.json"
     if not (summary.exists() and numbers.exists() and checkpoint.exists()):
         return None
     if numbers.stat().st_mtime < checkpoint.stat().st_mtime:
@@ -577,6 +592,36 @@ def _finished_evaluation(train_dir: Path, protocol: str, num_samples: int, ood: 
             and recalibration == (dataclasses.asdict(Recalibration()) if protocol == "recalibrated" else None)
             and result.get("timing", {}).get("fast", False) == fast)
     return result if same else None
+
+
+def _evaluate_all_test(out: Path, exp: Experiment, data_root: str | None, device: str,
+                       progress: bool) -> dict[str, Any]:
+    """Evaluate the network of `exp.evaluates` on the whole test set under each protocol of `exp`
+    (`asbnn eval --all-test-images`), into this run's folder (RUN/eval, RUN/eval-recalibrated), so the
+    report reads it as it reads a run; its training time and posterior width are the evaluated run's."""
+    assert exp.evaluates is not None
+    source, folder = run_dir(out, exp.evaluates) / "run", run_dir(out, exp) / "run"
+    samples = make_config(overrides=exp.overrides).eval_samples
+    results = {}
+    for protocol in exp.protocols:
+        recalibrated = protocol == "recalibrated"
+        target = folder / eval_folder(recalibrated=recalibrated)
+        results[protocol] = (
+            _finished_evaluation(target, source / CHECKPOINT, protocol, samples, exp.ood, exp.fast_eval)
+            or evaluate_run(source, num_samples=samples, out=target, data_root=data_root, device=device,
+                            progress=False, ood=list(exp.ood), bn_recalibrate=recalibrated, amp=exp.fast_eval,
+                            all_test_images=True))
+    evaluated = json.loads((run_dir(out, exp.evaluates) / "done.json").read_text())
+    flags = " --amp" * exp.fast_eval + "".join(f" --ood {name}" for name in exp.ood)
+    return {
+        "machine": machine(),
+        "train_seconds": evaluated["train_seconds"],
+        "eval_seconds": {protocol: r["timing"]["seconds"] for protocol, r in results.items()},
+        "posterior_width": evaluated["posterior_width"],
+        "command": f"asbnn eval {source} --all-test-images --samples {samples}{flags} --out {folder / 'eval'}"
+                   + ("; the same with --bn-recalibrate --out " + str(folder / "eval-recalibrated")
+                      if "recalibrated" in exp.protocols else ""),
+    }
 
 
 def _evaluate_ensemble(out: Path, exp: Experiment, data_root: str | None, device: str,
