@@ -85,7 +85,7 @@ def _in_cross_product(exp, grid) -> bool:
     """A run of the grid's own cells and methods (not an equal-compute arm, a cheaper AS or a sweep cell)."""
     c = exp.columns
     return (c["method"] in grid.methods and c["schedule"] in grid.schedules and c["init_sigma"] in grid.init_sigmas
-            and c["model"] in grid.models)
+            and c["model"] in grid.models and "prior_sigma" not in c)
 
 
 @pytest.mark.slow  # trains and evaluates every smoke-scale map run
@@ -236,8 +236,9 @@ def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     bare = dataclasses.replace(smoke.regime_map, ensemble_members=0, longer_epochs=(), cheaper_as=(), sweep_cells=())
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
-    # + 8: AS on normalised layers; + 4: cheaper AS; + 27 + 23: the sweep cells (two of them have one seed)
-    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 27 + 23
+    # + 8: AS on normalised layers; + 4: cheaper AS; + 27 + 23: the sweep cells (two of them have one seed);
+    # + 6: the prior's sweep cells (one seed)
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 27 + 23 + 6
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -276,9 +277,9 @@ def test_as_on_normalised_layers_only_adds_map_runs(monkeypatch):
 def test_gains_compare_each_as_variant_with_vi_seed_by_seed():
     from asbnn.experiments.map_report import gains, passes_per_step
 
-    def run(method, seed, lowest):
+    def run(method, seed, lowest, **prior):
         columns = {"model": "lenet5", "schedule": "multistep", "init_sigma": 0.15, "method": method, "seed": seed,
-                   "label": reproduce_module.MAP_METHODS[method][0]}
+                   "label": reproduce_module.MAP_METHODS[method][0], **prior}
         result = {"sampled": {"lowest": lowest, "mean": lowest + 0.1, "std": 0.01},
                   "ensemble": {"accuracy": lowest + 0.2, "nll": 0.5}}
         return {"exp": reproduce_module.Experiment("x", {}, columns), "evals": {"running": result, "recalibrated": result},
@@ -292,6 +293,11 @@ def test_gains_compare_each_as_variant_with_vi_seed_by_seed():
     assert rows["asnorm"]["label"] == "AS, normalised layers" and rows["asnorm"]["cost"] == 7.0
     config = {"method": "as", "as_steps": 5, "as_variant": "standard", "as_layers": "normalised"}
     assert passes_per_step(config) == 7
+    # a cell of another prior sigma is a cell of its own: its AS is compared with its own VI, listed after
+    wide = [run("vi", 0, 0.8, prior_sigma=1.0), run("as", 0, 0.7, prior_sigma=1.0)]
+    rows = gains(runs + wide)
+    assert [(r["method"], r["prior_sigma"]) for r in rows] == [("as", None), ("asnorm", None), ("as", 1.0)]
+    assert rows[0]["lowest_running"] == pytest.approx(-50) and rows[2]["lowest_running"] == pytest.approx(-10)
 
 
 def test_vi_fine_tuned_longer_builds_on_seed_0s_network_and_keeps_table_2s_keys():
@@ -351,7 +357,8 @@ def test_cheaper_as_comes_last_in_its_cells_and_moves_no_earlier_run():
 
 def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_keys(monkeypatch):
     """The sweep (session 7) added cells beyond the cross product: planned after all 88 runs of 3 seeds,
-    seed 0 of every sweep cell before any seed 1, and no earlier run moved or re-keyed."""
+    wave by wave (session 8's after all of session 7's), within a wave seed 0 of every sweep cell before
+    any seed 1, and no earlier run moved or re-keyed."""
     cpu = SCALES["cpu"]
     planned = plan(["map"], "cpu", 3)
     monkeypatch.setitem(SCALES, "cpu", dataclasses.replace(
@@ -361,8 +368,18 @@ def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_ke
     sweep = planned[88:]
     cells = cpu.regime_map.sweep_cells
     assert len(sweep) == sum(min(3, cell.seeds) * len(cell.methods) for cell in cells)
-    assert [e.columns["seed"] for e in sweep] == sorted(e.columns["seed"] for e in sweep)
+    waves = [wave for wave in sorted({c.wave for c in cells})
+             for c in cells if c.wave == wave for _ in range(min(3, c.seeds) * len(c.methods))]
+    by_cell = {(c.model, c.schedule, c.init_sigma, c.prior_sigma, m): c.wave for c in cells for m in c.methods}
+    assert [by_cell[e.columns["model"], e.columns["schedule"], e.columns["init_sigma"],
+                    e.columns.get("prior_sigma"), e.columns["method"]] for e in sweep] == waves
+    for wave in set(waves):
+        seeds = [e.columns["seed"] for e, w in zip(sweep, waves) if w == wave]
+        assert seeds == sorted(seeds)
     assert len([e for e in sweep if e.columns["seed"] == 0]) == sum(len(cell.methods) for cell in cells)
+    priors = [e for e in sweep if "prior_sigma" in e.columns]
+    assert {e.overrides["prior_sigma"] for e in priors} == {0.05, 1.0} and len(priors) == 6
+    assert all("prior_sigma" not in e.overrides for e in sweep if e not in priors)
     one_seed = {(c.model, c.schedule, c.init_sigma, m) for c in cells if c.seeds == 1 for m in c.methods}
     assert one_seed and all(e.columns["seed"] == 0 for e in sweep
                             if (e.columns["model"], e.columns["schedule"], e.columns["init_sigma"],

@@ -82,15 +82,18 @@ FACTOR_STUDY = (
 @dataclass(frozen=True)
 class SweepCell:
     """A map cell beyond the grid's cross product, one factor moved from a grid cell (initial sigma to
-    the ends of its range, the constant schedule, AS's lambda): the trend of each factor for a fraction
-    of the full product's runs. The map plans seed 0 of every sweep cell before any seed 1; `seeds`
-    (at most the map's --seeds) is 1 where the first seed already settles the comparison."""
+    the ends of its range, the constant schedule, AS's lambda, the prior's sigma): the trend of each
+    factor for a fraction of the full product's runs. The map plans the cells wave by wave (cells added
+    later come after every run of the earlier ones), within a wave seed 0 of every cell before any
+    seed 1; `seeds` (at most the map's --seeds) is 1 where the first seed already settles the comparison."""
 
     model: str
     schedule: str
     init_sigma: float
     methods: tuple[str, ...] = ("vi", "as", "free")
     seeds: int = 3
+    prior_sigma: float | None = None  # None: TrainConfig's (the paper's 0.15)
+    wave: int = 0
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,11 @@ SCALES: dict[str, Scale] = {
                          SweepCell("allconv", "multistep", 0.05, ("as-quarter",)),
                          SweepCell("allconv", "multistep", 0.3),
                          SweepCell("lenet5", "multistep", 0.3, seeds=1),
-                         SweepCell("lenet5", "multistep", 0.15, ("as-l0.2",), seeds=1)),
+                         SweepCell("lenet5", "multistep", 0.15, ("as-l0.2",), seeds=1),
+                         # session 8: the prior's sigma (0.15 elsewhere), tight at the initial sigma and wide as
+                         # the standard normal prior other BNN libraries default to; one seed each to begin with
+                         *(SweepCell("allconv", "multistep", 0.05, prior_sigma=prior, seeds=1, wave=1)
+                           for prior in (0.05, 1.0))),
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
                  "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set; "
@@ -254,7 +261,8 @@ SCALES: dict[str, Scale] = {
                  "and AS only in the last 2 epochs; beyond the cross product, VI, AS and free AS at initial sigma "
                  "0.02 and 0.3 and with a constant lr (sigma 0.05 and 0.15), and AS with lambda 0.2 in the "
                  "all-conv sigma 0.05 and LeNet-5 sigma 0.15 cells, and AS with its search on a quarter of each "
-                 "batch in the all-conv sigma 0.05 cell"),
+                 "batch in the all-conv sigma 0.05 cell; then, in that cell, VI, AS and free AS with the prior's sigma "
+                 "at 0.05 and 1 instead of 0.15 (one seed)"),
     ),
     "mid": Scale(
         pairs=(("cifar10", "resnet20"),),
@@ -356,12 +364,14 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                      range(n_seeds), methods, grid.models, grid.schedules, grid.init_sigmas)]
 
         def add_cell_run(seed: int, method: str, model: str, schedule: str, sigma: float, label: str,
-                         overrides: dict[str, Any]) -> None:
-            add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-{method}-s{seed}",
+                         overrides: dict[str, Any], prior_sigma: float | None = None) -> None:
+            prior = {} if prior_sigma is None else {"prior_sigma": prior_sigma}  # else the config's, as before
+            cell = f"sigma{sigma:g}" + ("" if prior_sigma is None else f"-prior{prior_sigma:g}")
+            add("map", f"map-{grid.dataset}-{model}-{schedule}-{cell}-{method}-s{seed}",
                 {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
-                 "seed": seed, **overrides},
+                 "seed": seed, **prior, **overrides},
                 {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
-                 "seed": seed},
+                 "seed": seed, **prior},
                 base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
 
         epochs = grid.base.get("epochs", TrainConfig.epochs)
@@ -371,9 +381,11 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
         for seed, method, (model, sigma), schedule in itertools.product(
                 range(n_seeds), grid.cheaper_as, grid.cheaper_as_cells, grid.schedules):
             add_cell_run(seed, method, model, schedule, sigma, *map_method(method, epochs))
-        for seed, cell in itertools.product(range(n_seeds), grid.sweep_cells):
-            for method in cell.methods if seed < cell.seeds else ():
-                add_cell_run(seed, method, cell.model, cell.schedule, cell.init_sigma, *map_method(method, epochs))
+        for wave, seed, cell in itertools.product(sorted({c.wave for c in grid.sweep_cells}), range(n_seeds),
+                                                  grid.sweep_cells):
+            for method in cell.methods if seed < cell.seeds and cell.wave == wave else ():
+                add_cell_run(seed, method, cell.model, cell.schedule, cell.init_sigma, *map_method(method, epochs),
+                             prior_sigma=cell.prior_sigma)
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
