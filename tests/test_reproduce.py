@@ -237,8 +237,8 @@ def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
     # + 8: AS on normalised layers; + 4: cheaper AS; + 27 + 23: the sweep cells (two of them have one seed);
-    # + 6: the prior's sweep cells (one seed)
-    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 27 + 23 + 6
+    # + 6: the prior's sweep cells (one seed); + 2: VI trained longer beside the constant-lr all-conv cell
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 27 + 23 + 6 + 2
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -367,16 +367,20 @@ def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_ke
     assert len(before) == 88 and [(e.name, e.key) for e in planned[:88]] == before
     sweep = planned[88:]
     cells = cpu.regime_map.sweep_cells
-    assert len(sweep) == sum(min(3, cell.seeds) * len(cell.methods) for cell in cells)
+    assert len(sweep) == sum(min(3, cell.seeds) * len(cell.methods) + len(cell.longer_epochs) for cell in cells)
     waves = [wave for wave in sorted({c.wave for c in cells})
-             for c in cells if c.wave == wave for _ in range(min(3, c.seeds) * len(c.methods))]
-    by_cell = {(c.model, c.schedule, c.init_sigma, c.prior_sigma, m): c.wave for c in cells for m in c.methods}
+             for c in cells if c.wave == wave for _ in range(min(3, c.seeds) * len(c.methods) + len(c.longer_epochs))]
+    by_cell = {(c.model, c.schedule, c.init_sigma, c.prior_sigma, m): c.wave
+               for c in cells for m in (*c.methods, *("vi-longer" for _ in c.longer_epochs))}
     assert [by_cell[e.columns["model"], e.columns["schedule"], e.columns["init_sigma"],
                     e.columns.get("prior_sigma"), e.columns["method"]] for e in sweep] == waves
     for wave in set(waves):
         seeds = [e.columns["seed"] for e, w in zip(sweep, waves) if w == wave]
         assert seeds == sorted(seeds)
-    assert len([e for e in sweep if e.columns["seed"] == 0]) == sum(len(cell.methods) for cell in cells)
+    assert len([e for e in sweep if e.columns["seed"] == 0]) == sum(len(c.methods) + len(c.longer_epochs) for c in cells)
+    longer = [e for e in sweep if e.columns["method"] == "vi-longer"]
+    assert [(e.overrides["schedule"], e.overrides["epochs"], e.columns["seed"]) for e in longer] == [
+        ("constant", 10, 0), ("constant", 35, 0)] and sweep[-2:] == longer  # the last wave
     priors = [e for e in sweep if "prior_sigma" in e.columns]
     assert {e.overrides["prior_sigma"] for e in priors} == {0.05, 1.0} and len(priors) == 6
     assert all("prior_sigma" not in e.overrides for e in sweep if e not in priors)
