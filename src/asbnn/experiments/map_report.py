@@ -211,7 +211,7 @@ def _series_label(key: tuple, schedules: set[str]) -> str:
     prefix = f"{model}, {schedule}" if len(schedules) > 1 else model
     if method in NETWORKS:
         return f"{prefix}, deep ensemble"
-    return f"{prefix}, σ0 {sigma:g}" + ("" if prior is None else f", prior {prior:g}") + _OWN_SERIES.get(method, "")
+    return f"{prefix}, σ0 {_sigma_text(sigma, prior)}" + _OWN_SERIES.get(method, "")
 
 
 def cost_series(runs: list[dict], protocol: str, path: tuple[str, ...],

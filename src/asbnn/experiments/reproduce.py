@@ -127,7 +127,7 @@ class RegimeMap:
     # seed, planned after everything else
     cheaper_as: tuple[str, ...] = ()
     cheaper_as_cells: tuple[tuple[str, float], ...] = ()
-    # cells beyond the cross product (`SweepCell`), planned after everything else, seed by seed, in order
+    # cells beyond the cross product (`SweepCell`), planned after everything else, wave by wave
     sweep_cells: tuple[SweepCell, ...] = ()
 
     def __post_init__(self) -> None:
@@ -387,13 +387,14 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
         for seed, method, (model, sigma), schedule in itertools.product(
                 range(n_seeds), grid.cheaper_as, grid.cheaper_as_cells, grid.schedules):
             add_cell_run(seed, method, model, schedule, sigma, *map_method(method, epochs))
-        for wave, seed, cell in itertools.product(sorted({c.wave for c in grid.sweep_cells}), range(n_seeds),
-                                                  grid.sweep_cells):
-            for method in cell.methods if seed < cell.seeds and cell.wave == wave else ():
-                add_cell_run(seed, method, cell.model, cell.schedule, cell.init_sigma, *map_method(method, epochs),
-                             prior_sigma=cell.prior_sigma)
-            for longer in cell.longer_epochs if seed == 0 and cell.wave == wave else ():
-                add_vi_longer(grid, add, cell.model, cell.schedule, cell.init_sigma, longer, seed)
+        for wave in sorted({c.wave for c in grid.sweep_cells}):
+            cells = [c for c in grid.sweep_cells if c.wave == wave]
+            for seed, cell in itertools.product(range(n_seeds), cells):
+                for method in cell.methods if seed < cell.seeds else ():
+                    add_cell_run(seed, method, cell.model, cell.schedule, cell.init_sigma,
+                                 *map_method(method, epochs), prior_sigma=cell.prior_sigma)
+                for longer in cell.longer_epochs if seed == 0 else ():
+                    _add_vi_longer(grid, add, cell.model, cell.schedule, cell.init_sigma, longer, seed)
     for dataset, model in scale.pairs:
         for seed in range(n_seeds):
             common = {"dataset": dataset, "model": model, "seed": seed}
@@ -468,10 +469,10 @@ def _add_equal_compute_arms(grid: RegimeMap, add: Callable[..., Experiment]) -> 
                 base=grid.base, ood=grid.ood, members=tuple(nets[:size]))
     for seed, epochs, model, schedule, sigma in itertools.product(
             range(grid.longer_seeds), grid.longer_epochs, grid.models, grid.schedules, grid.init_sigmas):
-        add_vi_longer(grid, add, model, schedule, sigma, epochs, seed)
+        _add_vi_longer(grid, add, model, schedule, sigma, epochs, seed)
 
 
-def add_vi_longer(grid: RegimeMap, add: Callable[..., Experiment], model: str, schedule: str, sigma: float,
+def _add_vi_longer(grid: RegimeMap, add: Callable[..., Experiment], model: str, schedule: str, sigma: float,
                   epochs: int, seed: int) -> None:
     """A cell's VI trained `epochs` instead of the base's, lr milestones scaled to them."""
     add("map", f"map-{grid.dataset}-{model}-{schedule}-sigma{sigma:g}-vi-e{epochs}-s{seed}",
