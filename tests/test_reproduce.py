@@ -180,8 +180,8 @@ def test_every_run_key_of_the_running_experiments_survives_amp_auto():
     map_runs = [e for e in plan(["map"], "cpu", 2) if e.columns["method"] in ("vi", "as", "free")
                 and _in_cross_product(e, grid)]  # the sweep cells came later too
     assert len(map_runs) == 24 and digest(map_runs) == "0708c9c7a13cb052"  # the equal-compute arms came later
-    assert digest([e for e in plan(["table2"], "mid") if e.tables == {"table2"} or "table2-det" in e.tables]) \
-        == "d471e995ee584e8b"
+    assert digest([e for e in plan(["table2"], "mid") if e.tables == {"table2"} or e.name.endswith("-det-s0")]) \
+        == "d471e995ee584e8b"  # the deep-ensemble members (det-s1, ...) came later
 
 
 def test_quickstart_trade_summary_names_each_difference():
@@ -302,13 +302,13 @@ def test_gains_compare_each_as_variant_with_vi_seed_by_seed():
 
 def test_vi_fine_tuned_longer_builds_on_seed_0s_network_and_keeps_table_2s_keys():
     table2 = {e.name: e for e in plan(["table2"], "mid")}
-    longer = [e for e in table2.values() if "table2-cost" in e.tables]
+    longer = [e for e in table2.values() if "table2-cost" in e.tables and not e.members]
     assert sorted(e.overrides["epochs"] for e in longer) == [6, 21]
     for exp in longer:
         assert exp.init_from is table2["cifar10-resnet20-det-s0"] and exp.overrides["method"] == "vi"
         assert exp.protocols == ("running", "recalibrated") and exp.ood == ("tiny-imagenet-val",)
         assert "lr_milestones" not in exp.overrides  # cosine: the schedule stretches with the epochs
-    smoke = next(e for e in plan(["table2"], "smoke") if "table2-cost" in e.tables)
+    smoke = next(e for e in plan(["table2"], "smoke") if "table2-cost" in e.tables and not e.members)
     assert smoke.overrides["lr_milestones"] == [1, 2, 3]  # multistep: milestones scaled like the map's
 
 
@@ -334,6 +334,47 @@ def test_table2_fine_tunes_are_evaluated_again_on_every_test_image(shared_data, 
     assert "--all-test-images" in meta["command"] and set(meta["eval_seconds"]) == {"running"}
     report = reproduce(["table2"], "smoke", tmp_path, report_only=True, progress=False).read_text()
     assert "### The same fine-tunes on the whole test set (10,000 images)" in report
+
+
+def test_table2_deep_ensembles_of_the_pretraining_recipe_at_their_cost(shared_data, tmp_path, monkeypatch):
+    """`pretrain_members` adds deterministic networks of the pretraining recipe (seed 0 is the fine-tunes'
+    start) and their deep ensembles to Table 2's equal-compute comparison; `mid-long` is `mid` from a
+    longer pretraining, every fine-tune keyed anew (it starts from another network)."""
+    mid = plan(["table2"], "mid")
+    ensembles = [e for e in mid if e.members]
+    assert [e.name for e in ensembles] == ["cifar10-resnet20-ensemble-x2", "cifar10-resnet20-ensemble-x3"]
+    start = next(e for e in mid if e.name == "cifar10-resnet20-det-s0")
+    assert ensembles[1].members[0] is start and [m.overrides["seed"] for m in ensembles[1].members] == [0, 1, 2]
+    assert all(m.overrides["epochs"] == 30 and m.overrides["method"] == "deterministic" for m in ensembles[1].members)
+    assert ensembles[0].ood == ("tiny-imagenet-val",) and "table2-cost" in ensembles[0].tables
+    long = {e.name: e for e in plan(["table2"], "mid-long")}
+    assert long["cifar10-resnet20-det-s0"].overrides["epochs"] == 100 and not any(e.members for e in long.values())
+    assert {e.name for e in mid if not e.members and "-det-s1" not in e.name and "-det-s2" not in e.name} == set(long)
+    assert not {e.key for e in mid} & {e.key for e in long.values()}
+
+    monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(SCALES["smoke"], pretrain_members=2, all_test_images=True,
+                                                             protocols=("running", "recalibrated")))
+    planned = plan(["table2"], "smoke")
+    pair = next(e for e in planned if e.members)
+    assert not run_experiment(tmp_path, pair, "smoke", str(shared_data), "cpu", progress=False)  # members untrained
+    wanted = [*pair.members, pair, *(e for e in planned if e.tables & {"table2", "table2-det-all-test"}
+                                     and e.columns.get("method") in (None, "vi"))]
+    for exp in wanted:
+        assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False), exp.name
+    result = json.loads((run_dir(tmp_path, pair) / "run" / "eval" / "eval.json").read_text())
+    members = [json.loads((run_dir(tmp_path, m) / "run" / "eval" / "eval.json").read_text())["ensemble"]["accuracy"]
+               for m in pair.members]
+    assert result["sampled"]["lowest"] == pytest.approx(min(members))
+    report = reproduce(["table2"], "smoke", tmp_path, report_only=True, progress=False).read_text()
+    starts = members[0] * 100
+    assert f"Deterministic starting points: {starts:.2f} % test accuracy; on the whole test set (10,000 images)" \
+        in report
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in report.splitlines())
+            if cells[1:2] in (["deterministic start"], ["deep ensemble (2)"])}
+    epochs = pair.members[0].overrides["epochs"]
+    assert float(rows["deterministic start"][3]) == 0 and float(rows["deep ensemble (2)"][3]) == epochs
+    assert rows["deep ensemble (2)"][4] == f"{100 * result['sampled']['lowest']:.2f}"
+    assert rows["deep ensemble (2)"][4] == rows["deep ensemble (2)"][7]  # one evaluation under both protocols
 
 
 def test_cheaper_as_comes_last_in_its_cells_and_moves_no_earlier_run():

@@ -33,6 +33,8 @@ class Planned(Protocol):
 
     columns: dict[str, Any]
     tables: set[str]
+    key: str
+    init_from: Any  # the Planned it starts from, or None
 
 
 def paper_numbers() -> dict[tuple, tuple[float, float]]:
@@ -167,21 +169,38 @@ FINETUNE_LABELS = {"vi": "VI", "free": "free AS", "as": "AS"}
 def _finetune_cost(run: dict[str, Any]) -> float:
     """A fine-tune's training cost in passes over the training set (epochs x forward-backward passes a
     step; VI 1, free AS 2, AS N + 2): hardware-independent, and the pretraining every fine-tune shares
-    left out."""
+    left out. The deterministic start costs 0 beyond that, a deep ensemble its other members' training."""
+    method = run["exp"].columns.get("method", "deterministic")
+    if method in ("deterministic", "ensemble"):
+        return (run["exp"].columns.get("members", 1) - 1) * epoch_passes(run["eval"]["config"])
     return epoch_passes(run["eval"]["config"])
 
 
 def _finetune_label(run: dict[str, Any]) -> str:
     columns = run["exp"].columns
-    if columns["method"] == "vi-longer":
+    method = columns.get("method", "deterministic")
+    if method == "deterministic":
+        return "deterministic start"
+    if method == "ensemble":
+        return f"deep ensemble ({columns['members']})"
+    if method == "vi-longer":
         return f"VI, {columns['epochs']} epochs"
-    return f"{FINETUNE_LABELS[columns['method']]}, {run['eval']['config']['epochs']} epochs"
+    return f"{FINETUNE_LABELS[method]}, {run['eval']['config']['epochs']} epochs"
+
+
+def _under(run: dict[str, Any], protocol: str) -> dict[str, Any] | None:
+    """A run's evaluation under `protocol`; deterministic networks and their ensembles keep their own
+    BatchNorm statistics (nothing is sampled), so their one evaluation stands under both."""
+    if run["eval"]["config"]["method"] == "deterministic":
+        return run["evals"]["running"]
+    return run["evals"].get(protocol)
 
 
 def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
-    """Table 2's fine-tunes against their training cost: VI, free AS and AS at the scale's epochs, and
-    VI fine-tuned as many epochs as AS's variants cost (`Scale.finetune_longer_epochs`), with the lowest
-    sampled accuracy and the ensemble's accuracy and NLL under each BatchNorm protocol."""
+    """Table 2's fine-tunes against their training cost: VI, free AS and AS at the scale's epochs,
+    VI fine-tuned as many epochs as AS's variants cost (`Scale.finetune_longer_epochs`), and the
+    deterministic start with its deep ensembles (`Scale.pretrain_members`), with the lowest sampled
+    accuracy and the ensemble's accuracy and NLL under each BatchNorm protocol."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         groups[_finetune_label(r)].append(r)
@@ -191,7 +210,7 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
     for label, group in ordered:
         row: list[Any] = [label, len(group), f"{_finetune_cost(group[0]):g}"]
         for protocol in protocols:
-            evals = [r["evals"][protocol] for r in group if protocol in r["evals"]]
+            evals = [e for e in (_under(r, protocol) for r in group) if e is not None]
             row += [report.mean_std([100 * e["sampled"]["lowest"] for e in evals]),
                     report.mean_std([100 * e["ensemble"]["accuracy"] for e in evals]),
                     report.mean_std([e["ensemble"]["nll"] for e in evals], digits=3)]
@@ -206,23 +225,33 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
              "Cost: epochs x forward-backward passes a step (VI 1, free AS 2, AS N + 2), in passes over the "
              "training set; the deterministic pretraining all fine-tunes share is left out. VI fine-tuned longer "
              "has seed 0 only; the other rows are means over their seeds."]
+    if any(r["eval"]["config"]["method"] == "deterministic" for r in runs):
+        lines[-1] += (" The deterministic start and its deep ensembles (deterministic networks of the same "
+                      "recipe and other seeds; a deep ensemble costs its other members' training) are evaluated "
+                      "once, with their own BatchNorm statistics, and stand under both protocols; their lowest "
+                      "is the weakest member.")
     for name, ylabel, metric in (("finetune_cost_lowest.png", "lowest sampled accuracy (%)", ("sampled", "lowest")),
                                  ("finetune_cost_nll.png", "ensemble NLL (nats)", ("ensemble", "nll"))):
         panels = {}
         for protocol in protocols:
             methods: tuple[list[float], list[float]] = ([], [])
             longer: tuple[list[float], list[float]] = ([], [])
+            ensembles: tuple[list[float], list[float]] = ([], [])
             for label, group in ordered:
-                values = [r["evals"][protocol][metric[0]][metric[1]] for r in group if protocol in r["evals"]]
+                values = [e[metric[0]][metric[1]] for e in (_under(r, protocol) for r in group) if e is not None]
                 if not values:
                     continue
                 # VI at the scale's epochs starts both lines: VI, free AS, AS and VI trained longer
-                on_lines = {"vi": [methods, longer], "vi-longer": [longer]}.get(group[0]["exp"].columns["method"],
-                                                                               [methods])
+                on_lines = {"vi": [methods, longer], "vi-longer": [longer], "deterministic": [ensembles],
+                            "ensemble": [ensembles]}.get(group[0]["exp"].columns.get("method", "deterministic"),
+                                                         [methods])
                 for xs, ys in on_lines:
                     xs.append(_finetune_cost(group[0]))
                     ys.append((100.0 if metric[0] == "sampled" else 1.0) * float(np.mean(values)))
-            panels[f"BatchNorm {PROTOCOLS[protocol]}"] = {"VI, free AS, AS": methods, "VI trained longer": longer}
+            series = {"VI, free AS, AS": methods, "VI trained longer": longer}
+            if ensembles[0]:
+                series["deterministic, deep ensembles"] = ensembles
+            panels[f"BatchNorm {PROTOCOLS[protocol]}"] = series
         if panels:
             report.plot_scatter_panels(panels, "training cost (passes over the training set)", ylabel, plots / name,
                                        connect=True, companions={"VI trained longer": "VI, free AS, AS"})
@@ -278,11 +307,15 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
                   "### The gain of AS over VI, ours beside the paper's", "", _gain_table(t1, "1", paper, METRICS)]
     t2 = [r for r in runs if "table2" in r["exp"].tables]
     if "table2" in wanted and t2:
-        dets = [r for r in runs if "table2-det" in r["exp"].tables]
+        start_keys = {r["exp"].init_from.key for r in t2}
+        dets = [r for r in runs if "table2-det" in r["exp"].tables and r["exp"].key in start_keys]
+        whole_dets = [r for r in runs if "table2-det-all-test" in r["exp"].tables]
+        whole_text = (f"; on the whole test set ({whole_dets[0]['eval']['num_inputs']:,} images) "
+                      f"{report.mean_std(_values(whole_dets, 'ensemble'))} %" if whole_dets else "")
         lines += ["", "## Table 2: Bayesian fine-tune from a deterministic network", "",
                   _accuracy_table(t2, "2", paper, METRICS), "",
-                  f"Deterministic starting points: {report.mean_std(_values(dets, 'ensemble'))} % test accuracy.",
-                  "", _gain_table(t2, "2", paper, METRICS)]
+                  f"Deterministic starting points: {report.mean_std(_values(dets, 'ensemble'))} % test accuracy"
+                  f"{whole_text}.", "", _gain_table(t2, "2", paper, METRICS)]
         if any("recalibrated" in r["evals"] for r in t2):
             lines += ["", "### Both BatchNorm protocols, with calibration and OOD detection", "",
                       _protocol_table(t2)]
@@ -295,7 +328,8 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
                       "training images) on every test image; no OOD set here (OOD AUROC is above's)."]
         longer = [r for r in runs if "table2-cost" in r["exp"].tables]
         if longer:
-            lines += _equal_compute_finetune(t2 + longer, plots)
+            has_ensembles = any(r["exp"].columns.get("method") == "ensemble" for r in longer)
+            lines += _equal_compute_finetune(t2 + longer + (dets if has_ensembles else []), plots)
     if "table3" in wanted and t1:
         lines += ["", "## Table 3: selective prediction (ensemble accuracy on the inputs of lowest total uncertainty)",
                   "", _accuracy_table(t1, "3", paper, RETAIN)]
