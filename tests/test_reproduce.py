@@ -358,7 +358,7 @@ def test_table2_deep_ensembles_of_the_pretraining_recipe_at_their_cost(shared_da
     pair = next(e for e in planned if e.members)
     assert not run_experiment(tmp_path, pair, "smoke", str(shared_data), "cpu", progress=False)  # members untrained
     wanted = [*pair.members, pair, *(e for e in planned if e.tables & {"table2", "table2-det-all-test"}
-                                     and e.columns.get("method") in (None, "vi"))]
+                                     and e.columns["method"] in ("deterministic", "vi"))]
     for exp in wanted:
         assert run_experiment(tmp_path, exp, "smoke", str(shared_data), "cpu", progress=False), exp.name
     result = json.loads((run_dir(tmp_path, pair) / "run" / "eval" / "eval.json").read_text())

@@ -477,7 +477,7 @@ def _add_pretrained(add: Callable[..., Experiment], scale: Scale, dataset: str, 
     """A deterministic network of the scale's pretraining recipe: Table 2's start, or a deep-ensemble member."""
     return add("table2-det", f"{dataset}-{model}-det-s{seed}",
                {"dataset": dataset, "model": model, "seed": seed, "method": "deterministic"},
-               {"dataset": dataset, "model": model, "seed": seed}, base=scale.pretrain)
+               {"dataset": dataset, "model": model, "seed": seed, "method": "deterministic"}, base=scale.pretrain)
 
 
 def _add_equal_compute_arms(grid: RegimeMap, add: Callable[..., Experiment]) -> None:

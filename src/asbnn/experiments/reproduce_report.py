@@ -170,7 +170,7 @@ def _finetune_cost(run: dict[str, Any]) -> float:
     """A fine-tune's training cost in passes over the training set (epochs x forward-backward passes a
     step; VI 1, free AS 2, AS N + 2): hardware-independent, and the pretraining every fine-tune shares
     left out. The deterministic start costs 0 beyond that, a deep ensemble its other members' training."""
-    method = run["exp"].columns.get("method", "deterministic")
+    method = run["exp"].columns["method"]
     if method in ("deterministic", "ensemble"):
         return (run["exp"].columns.get("members", 1) - 1) * epoch_passes(run["eval"]["config"])
     return epoch_passes(run["eval"]["config"])
@@ -178,7 +178,7 @@ def _finetune_cost(run: dict[str, Any]) -> float:
 
 def _finetune_label(run: dict[str, Any]) -> str:
     columns = run["exp"].columns
-    method = columns.get("method", "deterministic")
+    method = columns["method"]
     if method == "deterministic":
         return "deterministic start"
     if method == "ensemble":
@@ -243,8 +243,7 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
                     continue
                 # VI at the scale's epochs starts both lines: VI, free AS, AS and VI trained longer
                 on_lines = {"vi": [methods, longer], "vi-longer": [longer], "deterministic": [ensembles],
-                            "ensemble": [ensembles]}.get(group[0]["exp"].columns.get("method", "deterministic"),
-                                                         [methods])
+                            "ensemble": [ensembles]}.get(group[0]["exp"].columns["method"], [methods])
                 for xs, ys in on_lines:
                     xs.append(_finetune_cost(group[0]))
                     ys.append((100.0 if metric[0] == "sampled" else 1.0) * float(np.mean(values)))
@@ -328,7 +327,7 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
                       "training images) on every test image; no OOD set here (OOD AUROC is above's)."]
         longer = [r for r in runs if "table2-cost" in r["exp"].tables]
         if longer:
-            has_ensembles = any(r["exp"].columns.get("method") == "ensemble" for r in longer)
+            has_ensembles = any(r["exp"].columns["method"] == "ensemble" for r in longer)
             lines += _equal_compute_finetune(t2 + longer + (dets if has_ensembles else []), plots)
     if "table3" in wanted and t1:
         lines += ["", "## Table 3: selective prediction (ensemble accuracy on the inputs of lowest total uncertainty)",
