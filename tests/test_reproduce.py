@@ -85,7 +85,7 @@ def _in_cross_product(exp, grid) -> bool:
     """A run of the grid's own cells and methods (not an equal-compute arm, a cheaper AS or a sweep cell)."""
     c = exp.columns
     return (c["method"] in grid.methods and c["schedule"] in grid.schedules and c["init_sigma"] in grid.init_sigmas
-            and c["model"] in grid.models and "prior_sigma" not in c)
+            and c["model"] in grid.models and "prior_sigma" not in c and "kl_weight" not in c)
 
 
 @pytest.mark.slow  # trains and evaluates every smoke-scale map run
@@ -237,8 +237,9 @@ def test_a_map_without_the_arms_plans_what_it_did_before_them(monkeypatch):
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, regime_map=bare))
     assert [(e.name, e.key) for e in plan(["map"], "smoke")] == before
     # + 8: AS on normalised layers; + 4: cheaper AS; + 27 + 23: the sweep cells (two of them have one seed);
-    # + 6: the prior's sweep cells (one seed); + 2: VI trained longer beside the constant-lr all-conv cell
-    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 27 + 23 + 6 + 2
+    # + 6: the prior's sweep cells (one seed); + 2: VI trained longer beside the constant-lr all-conv cell;
+    # + 6: the KL weight's sweep cells (one seed)
+    assert len(plan(["map"], "cpu", 2)) == 24 + 8 + 14 + 12 + 8 + 4 + 27 + 23 + 6 + 2 + 6
 
 
 def test_vi_trained_longer_must_be_longer():
@@ -275,7 +276,7 @@ def test_as_on_normalised_layers_only_adds_map_runs(monkeypatch):
 
 
 def test_gains_compare_each_as_variant_with_vi_seed_by_seed():
-    from asbnn.experiments.map_report import gains, passes_per_step
+    from asbnn.experiments.map_report import _sigma_text, gains, passes_per_step
 
     def run(method, seed, lowest, **prior):
         columns = {"model": "lenet5", "schedule": "multistep", "init_sigma": 0.15, "method": method, "seed": seed,
@@ -296,8 +297,15 @@ def test_gains_compare_each_as_variant_with_vi_seed_by_seed():
     # a cell of another prior sigma is a cell of its own: its AS is compared with its own VI, listed after
     wide = [run("vi", 0, 0.8, prior_sigma=1.0), run("as", 0, 0.7, prior_sigma=1.0)]
     rows = gains(runs + wide)
-    assert [(r["method"], r["prior_sigma"]) for r in rows] == [("as", None), ("asnorm", None), ("as", 1.0)]
+    assert [(r["method"], r["setting"]) for r in rows] == [("as", ()), ("asnorm", ()), ("as", (("prior_sigma", 1.0),))]
     assert rows[0]["lowest_running"] == pytest.approx(-50) and rows[2]["lowest_running"] == pytest.approx(-10)
+    # so is a cell of another KL weight, and the init σ column names what the cell moved
+    strong = [run("vi", 0, 0.5, kl_weight=5e-5), run("as", 0, 0.55, kl_weight=5e-5)]
+    rows = gains(runs + wide + strong)
+    assert [r["setting"] for r in rows][2:] == [(("kl_weight", 5e-5),), (("prior_sigma", 1.0),)]
+    assert rows[2]["lowest_running"] == pytest.approx(5)
+    assert [_sigma_text(r["init_sigma"], r["setting"]) for r in rows][1:] == ["0.15", "0.15, KL weight 5e-05",
+                                                                          "0.15, prior 1"]
 
 
 def test_vi_fine_tuned_longer_builds_on_seed_0s_network_and_keeps_table_2s_keys():
@@ -411,20 +419,26 @@ def test_sweep_cells_come_after_every_earlier_run_seed_by_seed_and_keep_their_ke
     assert len(sweep) == sum(min(3, cell.seeds) * len(cell.methods) + len(cell.longer_epochs) for cell in cells)
     waves = [wave for wave in sorted({c.wave for c in cells})
              for c in cells if c.wave == wave for _ in range(min(3, c.seeds) * len(c.methods) + len(c.longer_epochs))]
-    by_cell = {(c.model, c.schedule, c.init_sigma, c.prior_sigma, m): c.wave
+    by_cell = {(c.model, c.schedule, c.init_sigma, c.prior_sigma, c.kl_weight, m): c.wave
                for c in cells for m in (*c.methods, *("vi-longer" for _ in c.longer_epochs))}
     assert [by_cell[e.columns["model"], e.columns["schedule"], e.columns["init_sigma"],
-                    e.columns.get("prior_sigma"), e.columns["method"]] for e in sweep] == waves
+                    e.columns.get("prior_sigma"), e.columns.get("kl_weight"), e.columns["method"]]
+            for e in sweep] == waves
     for wave in set(waves):
         seeds = [e.columns["seed"] for e, w in zip(sweep, waves) if w == wave]
         assert seeds == sorted(seeds)
     assert len([e for e in sweep if e.columns["seed"] == 0]) == sum(len(c.methods) + len(c.longer_epochs) for c in cells)
     longer = [e for e in sweep if e.columns["method"] == "vi-longer"]
     assert [(e.overrides["schedule"], e.overrides["epochs"], e.columns["seed"]) for e in longer] == [
-        ("constant", 10, 0), ("constant", 35, 0)] and sweep[-2:] == longer  # the last wave
+        ("constant", 10, 0), ("constant", 35, 0)] and sweep[-8:-6] == longer  # wave 2, before the KL cells
     priors = [e for e in sweep if "prior_sigma" in e.columns]
     assert {e.overrides["prior_sigma"] for e in priors} == {0.05, 1.0} and len(priors) == 6
     assert all("prior_sigma" not in e.overrides for e in sweep if e not in priors)
+    kl = [e for e in sweep if "kl_weight" in e.columns]
+    assert sweep[-6:] == kl and {e.overrides["kl_weight"] for e in kl} == {1 / 20_000}  # the last wave
+    assert [e.name for e in kl[:3]] == [f"map-fashion-mnist-allconv-multistep-sigma0.05-kl5e-05-{m}-s0"
+                                        for m in ("vi", "as", "free")]
+    assert all("kl_weight" not in e.overrides for e in sweep if e not in kl)
     one_seed = {(c.model, c.schedule, c.init_sigma, m) for c in cells if c.seeds == 1 for m in c.methods}
     assert one_seed and all(e.columns["seed"] == 0 for e in sweep
                             if (e.columns["model"], e.columns["schedule"], e.columns["init_sigma"],

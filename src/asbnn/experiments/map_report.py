@@ -41,16 +41,21 @@ def _pct(values: list[float]) -> str:
     return report.mean_std([100 * v for v in values]) if values else "–"
 
 
+#: Sweep-cell settings that move the posterior's target, with their name in a cell's init σ column
+SETTINGS = {"prior_sigma": "prior", "kl_weight": "KL weight"}
+
+
 def _cell_key(run: dict[str, Any]) -> tuple:
-    """(model, schedule, initial sigma, prior sigma); sigma None for deterministic networks, shared by
-    every sigma; prior None for the config's prior sigma (every cell but the prior's sweep cells)."""
+    """(model, schedule, initial sigma, setting); sigma None for deterministic networks, shared by
+    every sigma; setting the (name, value) pairs of `SETTINGS` a sweep cell moves from the config's
+    (the prior's sigma, the KL weight), () in every other cell."""
     c = run["exp"].columns
-    return c["model"], c["schedule"], c["init_sigma"], c.get("prior_sigma")
+    return c["model"], c["schedule"], c["init_sigma"], tuple((k, c[k]) for k in SETTINGS if c.get(k) is not None)
 
 
-def _sigma_text(sigma: float | None, prior: float | None) -> str:
+def _sigma_text(sigma: float | None, setting: tuple) -> str:
     """A cell's init σ column: '0.05', '0.05, prior 1' where the prior's sigma is not the config's."""
-    return "–" if sigma is None else f"{sigma:g}" + ("" if prior is None else f", prior {prior:g}")
+    return "–" if sigma is None else ", ".join([f"{sigma:g}", *(f"{SETTINGS[k]} {v:g}" for k, v in setting)])
 
 
 def _row_key(run: dict[str, Any]) -> tuple:
@@ -60,11 +65,10 @@ def _row_key(run: dict[str, Any]) -> tuple:
 
 
 def _row_order(key: tuple) -> tuple:
-    """Rows by model and schedule, then each sigma's methods (the config's prior first), then the model's
-    deterministic networks."""
-    model, schedule, sigma, prior, method, size = key
-    return (model, schedule, sigma is None, sigma or 0.0, prior is not None, prior or 0.0,
-            MAP_METHOD_ORDER.index(method), size)
+    """Rows by model and schedule, then each sigma's methods (the config's settings first), then the
+    model's deterministic networks."""
+    model, schedule, sigma, setting, method, size = key
+    return model, schedule, sigma is None, sigma or 0.0, setting, MAP_METHOD_ORDER.index(method), size
 
 
 def _rows(runs: list[dict]) -> list[tuple[tuple, list[dict]]]:
@@ -94,14 +98,14 @@ def _metric(runs: list[dict], protocol: str, path: tuple[str, ...]) -> list[floa
 
 def _cell_table(runs: list[dict], protocol: str) -> str:
     rows = []
-    for (model, schedule, sigma, prior, _, _), group in _rows(runs):
+    for (model, schedule, sigma, setting, _, _), group in _rows(runs):
         widths = defaultdict(list)
         for r in group:
             for kind, w in r["meta"].get("posterior_width", {}).items():
                 widths[kind].append(w)
         ood = [v for r in group for v in _ood_auroc(r, protocol)]
         rows.append([
-            model, schedule, _sigma_text(sigma, prior), group[0]["exp"].columns["label"], len(group),
+            model, schedule, _sigma_text(sigma, setting), group[0]["exp"].columns["label"], len(group),
             _pct(_metric(group, protocol, ("sampled", "lowest"))),
             _pct(_metric(group, protocol, ("sampled", "highest"))),
             _pct(_metric(group, protocol, ("sampled", "mean"))),
@@ -141,7 +145,7 @@ def gains(runs: list[dict]) -> list[dict[str, Any]]:
             if not vi or not adv:
                 continue
             row: dict[str, Any] = {"model": key[0], "schedule": key[1], "init_sigma": key[2],
-                                   "prior_sigma": key[3], "method": method,
+                                   "setting": key[3], "method": method,
                                    "label": adv[0]["exp"].columns["label"], "seeds": len(seeds)}
             for protocol in PROTOCOLS:
                 for name, path in (("lowest", ("sampled", "lowest")), ("mean", ("sampled", "mean")),
@@ -207,11 +211,11 @@ def _series_label(key: tuple, schedules: set[str]) -> str:
     """The cost-plot line a row belongs to: its cell's (VI, free AS, AS), the cell's VI trained
     longer, the cell's AS on normalised layers, or its model's deep ensembles (one deterministic
     network, then 2..M of them). The schedule is named where the runs have more than one."""
-    model, schedule, sigma, prior, method, _ = key
+    model, schedule, sigma, setting, method, _ = key
     prefix = f"{model}, {schedule}" if len(schedules) > 1 else model
     if method in NETWORKS:
         return f"{prefix}, deep ensemble"
-    return f"{prefix}, σ0 {_sigma_text(sigma, prior)}" + _OWN_SERIES.get(method, "")
+    return f"{prefix}, σ0 {_sigma_text(sigma, setting)}" + _OWN_SERIES.get(method, "")
 
 
 def cost_series(runs: list[dict], protocol: str, path: tuple[str, ...],
@@ -345,7 +349,7 @@ def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
         ["model", "schedule", "init σ", "variant", "seeds", "lowest (running)", "lowest (recal.)",
          "mean (running)", "mean (recal.)", "ensemble (running)", "ensemble (recal.)", "NLL (running)",
          "NLL (recal.)", "VI sampled std", "VI σ/|μ|", "cost vs VI"],
-        [[r["model"], r["schedule"], _sigma_text(r["init_sigma"], r["prior_sigma"]), r["label"], r["seeds"],
+        [[r["model"], r["schedule"], _sigma_text(r["init_sigma"], r["setting"]), r["label"], r["seeds"],
           f"{r['lowest_running']:+.2f}", f"{r['lowest_recalibrated']:+.2f}",
           f"{r['mean_running']:+.2f}", f"{r['mean_recalibrated']:+.2f}",
           f"{r['ensemble_running']:+.2f}", f"{r['ensemble_recalibrated']:+.2f}",

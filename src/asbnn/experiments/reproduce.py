@@ -93,6 +93,7 @@ class SweepCell:
     methods: tuple[str, ...] = ("vi", "as", "free")
     seeds: int = 3
     prior_sigma: float | None = None  # None: TrainConfig's (the paper's 0.15)
+    kl_weight: float | None = None  # None: TrainConfig's (the paper's 1 / (100 N))
     wave: int = 0
     # VI trained for each of these epochs beside the cell (seed 0), as the grid's `longer_epochs`
     longer_epochs: tuple[int, ...] = ()
@@ -152,6 +153,8 @@ MAP_METHODS = {"vi": ("VI", {"method": "vi"}), "as": ("AS", {"method": "as"}),
                "as-l0.2": ("AS, lambda 0.2", {"method": "as", "as_lambda": 0.2}),
                # cheaper AS: the paper's 5 sign steps on a quarter of each batch (5 x 1/4 + 2 = 3.25 passes a step)
                "as-quarter": ("AS, search on 1/4 of the batch", {"method": "as", "as_search_fraction": 0.25})}
+#: a sweep cell's settings in its runs' names: sigma0.05-prior1, sigma0.05-kl5e-05
+SETTING_TAGS = {"prior_sigma": "prior", "kl_weight": "kl"}
 LATE_AS_SHARE = 0.4  # method as-late (cheaper AS): AS only in the last 40 % of the epochs, plain VI before
 
 
@@ -284,7 +287,12 @@ SCALES: dict[str, Scale] = {
                            for prior in (0.05, 1.0)),
                          # the one cell where AS's worst network led VI's after recalibration in every seed
                          # (+0.9, +0.7, +0.9): VI at AS's 7x and free AS's 2x passes beside it
-                         SweepCell("allconv", "constant", 0.05, methods=(), longer_epochs=(10, 35), wave=2)),
+                         SweepCell("allconv", "constant", 0.05, methods=(), longer_epochs=(10, 35), wave=2),
+                         # session 9: the untempered ELBO's KL weight 1 / N (N = 20,000), 100x the paper's, as most
+                         # BNN libraries default to: the KL term, 1-8 % of the data term's pull on rho at the
+                         # paper's weight (prior_pull.txt), now drives the posterior's width; one seed to begin with
+                         *(SweepCell("allconv", "multistep", sigma, kl_weight=1 / 20_000, seeds=1, wave=3)
+                           for sigma in (0.05, 0.15))),
             note="LeNet-5 and the all-conv BN network on a fixed 20,000-image subset of Fashion-MNIST, 5 epochs, "
                  "Adam lr 0.01 with lr / 10 after epochs 2 and 4, 100 sampled models on a fixed 2,000-image "
                  "subset of the test set under both BatchNorm protocols, 2,000 MNIST test images as the OOD set; "
@@ -297,8 +305,9 @@ SCALES: dict[str, Scale] = {
                  "0.02 and 0.3 and with a constant lr (sigma 0.05 and 0.15), and AS with lambda 0.2 in the "
                  "all-conv sigma 0.05 and LeNet-5 sigma 0.15 cells, and AS with its search on a quarter of each "
                  "batch in the all-conv sigma 0.05 cell; then, in that cell, VI, AS and free AS with the prior's sigma "
-                 "at 0.05 and 1 instead of 0.15 (one seed); and VI trained 10 and 35 epochs beside the constant-lr "
-                 "all-conv sigma 0.05 cell (one seed)"),
+                 "at 0.05 and 1 instead of 0.15 (one seed); VI trained 10 and 35 epochs beside the constant-lr "
+                 "all-conv sigma 0.05 cell (one seed); and VI, AS and free AS in the all-conv sigma 0.05 and 0.15 "
+                 "cells with the KL weight 1 / N = 5e-05 instead of 1 / (100 N) (one seed)"),
     ),
     "mid": MID,
     "mid-long": MID_LONG,
@@ -387,14 +396,16 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
                      range(n_seeds), methods, grid.models, grid.schedules, grid.init_sigmas)]
 
         def add_cell_run(seed: int, method: str, model: str, schedule: str, sigma: float, label: str,
-                         overrides: dict[str, Any], prior_sigma: float | None = None) -> None:
-            prior = {} if prior_sigma is None else {"prior_sigma": prior_sigma}  # else the config's, as before
-            cell = f"sigma{sigma:g}" + ("" if prior_sigma is None else f"-prior{prior_sigma:g}")
+                         overrides: dict[str, Any], prior_sigma: float | None = None,
+                         kl_weight: float | None = None) -> None:
+            # the prior's sigma and the KL weight only where a sweep cell sets them (else the config's, as before)
+            setting = {k: v for k, v in (("prior_sigma", prior_sigma), ("kl_weight", kl_weight)) if v is not None}
+            cell = f"sigma{sigma:g}" + "".join(f"-{SETTING_TAGS[k]}{v:g}" for k, v in setting.items())
             add("map", f"map-{grid.dataset}-{model}-{schedule}-{cell}-{method}-s{seed}",
                 {"dataset": grid.dataset, "model": model, "schedule": schedule, "init_sigma": sigma,
-                 "seed": seed, **prior, **overrides},
+                 "seed": seed, **setting, **overrides},
                 {"model": model, "schedule": schedule, "init_sigma": sigma, "method": method, "label": label,
-                 "seed": seed, **prior},
+                 "seed": seed, **setting},
                 base=grid.base, protocols=("running", "recalibrated"), ood=grid.ood)
 
         epochs = grid.base.get("epochs", TrainConfig.epochs)
@@ -409,7 +420,8 @@ def plan(tables: Iterable[str], scale_name: str, seeds: int | None = None) -> li
             for seed, cell in itertools.product(range(n_seeds), cells):
                 for method in cell.methods if seed < cell.seeds else ():
                     add_cell_run(seed, method, cell.model, cell.schedule, cell.init_sigma,
-                                 *map_method(method, epochs), prior_sigma=cell.prior_sigma)
+                                 *map_method(method, epochs), prior_sigma=cell.prior_sigma,
+                                 kl_weight=cell.kl_weight)
                 for longer in cell.longer_epochs if seed == 0 else ():
                     _add_vi_longer(grid, add, cell.model, cell.schedule, cell.init_sigma, longer, seed)
     for dataset, model in scale.pairs:
