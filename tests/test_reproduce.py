@@ -361,7 +361,7 @@ def test_table2_deep_ensembles_of_the_pretraining_recipe_at_their_cost(shared_da
     assert not {e.key for e in mid} & {e.key for e in long.values()}
 
     monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(SCALES["smoke"], pretrain_members=2, all_test_images=True,
-                                                             protocols=("running", "recalibrated")))
+                                                             protocols=("running", "recalibrated"), ood=("mnist",)))
     planned = plan(["table2"], "smoke")
     pair = next(e for e in planned if e.members)
     assert not run_experiment(tmp_path, pair, "smoke", str(shared_data), "cpu", progress=False)  # members untrained
@@ -382,7 +382,10 @@ def test_table2_deep_ensembles_of_the_pretraining_recipe_at_their_cost(shared_da
     epochs = pair.members[0].overrides["epochs"]
     assert float(rows["deterministic start"][3]) == 0 and float(rows["deep ensemble (2)"][3]) == epochs
     assert rows["deep ensemble (2)"][4] == f"{100 * result['sampled']['lowest']:.2f}"
-    assert rows["deep ensemble (2)"][4] == rows["deep ensemble (2)"][7]  # one evaluation under both protocols
+    assert rows["deep ensemble (2)"][4:8] == rows["deep ensemble (2)"][8:12]  # one evaluation under both protocols
+    assert rows["deep ensemble (2)"][7] == f"{100 * result['ood']['mnist']['total']['auroc']:.2f}"
+    second = json.loads((run_dir(tmp_path, pair.members[1]) / "done.json").read_text())["train_seconds"]
+    assert rows["deterministic start"][12] == "0" and rows["deep ensemble (2)"][12] == f"{second:.0f}"
 
 
 def test_cheaper_as_comes_last_in_its_cells_and_moves_no_earlier_run():

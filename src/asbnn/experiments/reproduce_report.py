@@ -206,30 +206,37 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
         groups[_finetune_label(r)].append(r)
     ordered = sorted(groups.items(), key=lambda kv: (_finetune_cost(kv[1][0]), kv[0]))
     protocols = [p for p in PROTOCOLS if any(p in r["evals"] for r in runs)]
+    # the shared start's training is left out of every row, a deep ensemble's members' included
+    start_seconds = next((r["meta"]["train_seconds"] for r in runs if r["exp"].columns["method"] == "deterministic"),
+                         0.0)
     rows = []
     for label, group in ordered:
         row: list[Any] = [label, len(group), f"{_finetune_cost(group[0]):g}"]
         for protocol in protocols:
             evals = [e for e in (_under(r, protocol) for r in group) if e is not None]
+            ood = [by["total"]["auroc"] for e in evals for by in e.get("ood", {}).values()]
             row += [report.mean_std([100 * e["sampled"]["lowest"] for e in evals]),
                     report.mean_std([100 * e["ensemble"]["accuracy"] for e in evals]),
-                    report.mean_std([e["ensemble"]["nll"] for e in evals], digits=3)]
-        row.append(f"{_train_seconds(group):.0f}")
+                    report.mean_std([e["ensemble"]["nll"] for e in evals], digits=3),
+                    report.mean_std([100 * a for a in ood]) if ood else "–"]
+        beyond = start_seconds if group[0]["exp"].columns["method"] in ("deterministic", "ensemble") else 0.0
+        row.append(f"{_train_seconds(group) - beyond:.0f}")
         rows.append(row)
     headers = ["fine-tune", "seeds", "cost (passes over the data)"]
     for protocol in protocols:
         short = "running" if protocol == "running" else "recal."
-        headers += [f"lowest ({short})", f"ensemble ({short})", f"NLL ({short})"]
+        headers += [f"lowest ({short})", f"ensemble ({short})", f"NLL ({short})", f"OOD AUROC ({short})"]
     lines = ["", "### Equal compute: the fine-tunes against their training cost", "",
              report.markdown_table([*headers, "train s"], rows), "",
              "Cost: epochs x forward-backward passes a step (VI 1, free AS 2, AS N + 2), in passes over the "
-             "training set; the deterministic pretraining all fine-tunes share is left out. VI fine-tuned longer "
-             "has seed 0 only; the other rows are means over their seeds."]
+             "training set, and train s, the training time on the machine in the Runs table: the deterministic "
+             "pretraining all fine-tunes share is left out of both. VI fine-tuned longer has seed 0 only; the other "
+             "rows are means over their seeds."]
     if any(r["eval"]["config"]["method"] == "deterministic" for r in runs):
         lines[-1] += (" The deterministic start and its deep ensembles (deterministic networks of the same "
                       "recipe and other seeds; a deep ensemble costs its other members' training) are evaluated "
                       "once, with their own BatchNorm statistics, and stand under both protocols; their lowest "
-                      "is the weakest member.")
+                      "is the weakest member; the start alone has no OOD evaluation.")
     for name, ylabel, metric in (("finetune_cost_lowest.png", "lowest sampled accuracy (%)", ("sampled", "lowest")),
                                  ("finetune_cost_nll.png", "ensemble NLL (nats)", ("ensemble", "nll"))):
         panels = {}
