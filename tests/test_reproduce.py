@@ -359,9 +359,13 @@ def test_table2_deep_ensembles_of_the_pretraining_recipe_at_their_cost(shared_da
     assert long["cifar10-resnet20-det-s0"].overrides["epochs"] == 100 and not any(e.members for e in long.values())
     assert {e.name for e in mid if not e.members and "-det-s1" not in e.name and "-det-s2" not in e.name} == set(long)
     assert not {e.key for e in mid} & {e.key for e in long.values()}
+    narrow = plan(["table2"], "mid-narrow", seeds=1)  # the same start, fine-tunes at initial sigma 0.01
+    assert narrow[0].key == start.key and [e.overrides.get("init_sigma") for e in narrow] == [None, 0.01, 0.01, 0.01]
 
-    monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(SCALES["smoke"], pretrain_members=2, all_test_images=True,
-                                                             protocols=("running", "recalibrated"), ood=("mnist",)))
+    smoke = SCALES["smoke"]
+    monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, pretrain_members=2, all_test_images=True,
+                                                             protocols=("running", "recalibrated"), ood=("mnist",),
+                                                             base={**smoke.base, "init_sigma": 0.02}))
     planned = plan(["table2"], "smoke")
     pair = next(e for e in planned if e.members)
     assert not run_experiment(tmp_path, pair, "smoke", str(shared_data), "cpu", progress=False)  # members untrained
@@ -375,6 +379,7 @@ def test_table2_deep_ensembles_of_the_pretraining_recipe_at_their_cost(shared_da
     assert result["sampled"]["lowest"] == pytest.approx(min(members))
     report = reproduce(["table2"], "smoke", tmp_path, report_only=True, progress=False).read_text()
     starts = members[0] * 100
+    assert "*init ours* starts sigma at 0.02," in report  # the scale's, read from the runs
     assert f"Deterministic starting points: {starts:.2f} % test accuracy; on the whole test set (10,000 images)" \
         in report
     rows = {cells[1]: cells for cells in ([c.strip() for c in line.split("|")] for line in report.splitlines())

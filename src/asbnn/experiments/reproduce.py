@@ -232,6 +232,12 @@ MID_LONG = dataclasses.replace(
     MID, pretrain={**MID.pretrain, "epochs": 100}, pretrain_members=0,
     note=MID.note.replace("cosine, 30 epochs", "cosine, 100 epochs").split("; deep ensembles")[0])
 
+#: `mid` with fine-tunes at initial sigma 0.01 instead of 0.05 (a quarter of the start's median |w| in its
+#: convolutions, not all of it), from the same deterministic network (the same run key)
+MID_NARROW = dataclasses.replace(
+    MID, base={**MID.base, "init_sigma": 0.01}, finetune_longer_epochs=(), pretrain_members=0, all_test_images=False,
+    note=MID.note.replace("init sigma 0.05", "init sigma 0.01").split("; then each seed's")[0])
+
 SCALES: dict[str, Scale] = {
     "smoke": Scale(
         pairs=(("fashion-mnist", "lenet5"),),
@@ -311,6 +317,7 @@ SCALES: dict[str, Scale] = {
     ),
     "mid": MID,
     "mid-long": MID_LONG,
+    "mid-narrow": MID_NARROW,
     "full": Scale(
         pairs=tuple((d, m) for d in ("cifar10", "cifar100") for m in ("resnet20", "resnet56", "vgg16_bn")),
         base={}, seeds=5, variants=(OURS_VI, OURS_AS),

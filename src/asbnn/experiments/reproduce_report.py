@@ -288,6 +288,9 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
     plots = out / "plots"
     machines = sorted({r["meta"]["machine"] for r in runs})
     paper_tables = wanted != {"map"}
+    # the initial sigma of the "init ours" variants: 0.05, but where a scale sets its own (mid-narrow)
+    ours = sorted({r["eval"]["config"]["init_sigma"] for r in runs
+                   if getattr(r["exp"].columns.get("variant"), "init", None) == "ours"}) or [0.05]
     lines = [
         f"# Adversarial Sampling, reproduced at the `{scale}` scale",
         "",
@@ -302,7 +305,7 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
         "Everything not named follows the paper's recipe (Adam lr 0.01, batch 100, N = 5, alpha = 0.02, "
         "lambda = 0.8, prior sigma 0.15, KL weight 1 / (100 N_train)); AS keeps BatchNorm running statistics "
         "out of the N + 1 adversarial passes (BN freeze)"
-        + (". Variants: *init ours* starts sigma at 0.05, *init authors* at exp(0.15) = 1.16 as the authors' "
+        + (f". Variants: *init ours* starts sigma at {' / '.join(f'{v:g}' for v in ours)}, *init authors* at exp(0.15) = 1.16 as the authors' "
            "code; *BN update* lets every adversarial pass update the running statistics, as the authors' code."
            if paper_tables else "."),
     ]
