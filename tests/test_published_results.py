@@ -15,7 +15,8 @@ from asbnn.experiments.reproduce import reproduce
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 #: study folder -> the `asbnn reproduce` call that made it (the command in its README)
-PUBLISHED = {"cpu": (["all"], "cpu", 3), "map": (["map"], "cpu", 3), "mid": (["table2"], "mid", 2)}
+PUBLISHED = {"cpu": (["all"], "cpu", 3), "map": (["map"], "cpu", 3), "mid": (["table2"], "mid", 2),
+             "mid-narrow": (["table2"], "mid-narrow", 1)}
 
 
 def _tables(report: Path) -> list[str]:
