@@ -54,7 +54,7 @@ def _cell_key(run: dict[str, Any]) -> tuple:
 
 
 def _sigma_text(sigma: float | None, setting: tuple) -> str:
-    """A cell's init σ column: '0.05', '0.05, prior 1' where the prior's sigma is not the config's."""
+    """A cell's init σ column: '0.05', or '0.05, prior 1' / '0.05, KL weight 5e-05' where the cell moves it."""
     return "–" if sigma is None else ", ".join([f"{sigma:g}", *(f"{SETTINGS[k]} {v:g}" for k, v in setting)])
 
 
