@@ -28,7 +28,7 @@ AS_VARIANTS = ("as", "free", "asnorm", "as-l0.2", "as-n1", "as-late", "as-quarte
 NETWORKS = ("deterministic", "ensemble")  # deterministic networks: no initial sigma, running statistics only
 
 
-def _eval(run: dict[str, Any], protocol: str) -> dict[str, Any] | None:
+def evaluation_under(run: dict[str, Any], protocol: str) -> dict[str, Any] | None:
     """A run's evaluation under `protocol`. Deterministic networks (and their ensembles) are
     evaluated with running statistics only, recalibration being for the sampled networks of a
     posterior, so their running numbers stand in for both protocols."""
@@ -88,7 +88,7 @@ def _width(run: dict[str, Any]) -> float:
 def _metric(runs: list[dict], protocol: str, path: tuple[str, ...]) -> list[float]:
     values = []
     for r in runs:
-        value: Any = _eval(r, protocol)
+        value: Any = evaluation_under(r, protocol)
         for key in path:
             value = None if value is None else value.get(key)
         if value is not None:
@@ -123,7 +123,7 @@ def _cell_table(runs: list[dict], protocol: str) -> str:
 
 
 def _ood_auroc(run: dict[str, Any], protocol: str) -> list[float]:
-    result = _eval(run, protocol) or {}
+    result = evaluation_under(run, protocol) or {}
     return [by["total"]["auroc"] for by in result.get("ood", {}).values()]
 
 
@@ -194,7 +194,7 @@ def training_passes(config: dict[str, Any]) -> float:
 def _cost(run: dict[str, Any]) -> float:
     """A run's training cost in forward-backward passes (`training_passes`); a deep ensemble's is
     its members' together, M x one member's. NaN where it has no evaluation to read the config from."""
-    result = _eval(run, "running")
+    result = evaluation_under(run, "running")
     if result is None:
         return float("nan")
     members = len(result["members"]) if result.get("method") == "deep_ensemble" else 1
@@ -276,8 +276,8 @@ def _equal_compute_legend(runs: list[dict]) -> str:
     columns = [r["exp"].columns for r in runs]
     text = ("Each solid line joins one cell's methods in order of cost: VI (1 pass a step), free AS (2), "
             "AS (N + 2 = 7).")
-    base = {_eval(r, "running")["config"]["epochs"] for r in runs
-            if r["exp"].columns["method"] == "vi" and _eval(r, "running")}
+    base = {evaluation_under(r, "running")["config"]["epochs"] for r in runs
+            if r["exp"].columns["method"] == "vi" and evaluation_under(r, "running")}
     longer = sorted({c["epochs"] for c in columns if c["method"] == "vi-longer"})
     if longer:
         ratios = f" ({', '.join(f'{e / min(base):g}x' for e in longer)} VI's passes)" if len(base) == 1 else ""
@@ -337,7 +337,7 @@ def map_section(runs: list[dict], plots: Path, note: str) -> list[str]:
     """The report's lines for the regime map (runs: finished map runs with "exp", "meta", "evals")."""
     lines = ["", "## Regime map: where does AS help, and how much of it is BatchNorm?", "", f"Grid: {note}.", ""]
     for protocol, title in PROTOCOLS.items():
-        if any(_eval(r, protocol) for r in runs):
+        if any(evaluation_under(r, protocol) for r in runs):
             lines += [f"### Every cell, BatchNorm {title}", "", _cell_table(runs, protocol), ""]
     lines += ["Accuracies in %, mean ± std over seeds; std is the spread of the 100 sampled accuracies; OOD AUROC "
               "by total uncertainty; σ/|μ| is mean σ over mean |μ| per kind of weight at the end of training; "

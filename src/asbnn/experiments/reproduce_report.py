@@ -19,7 +19,7 @@ import numpy as np
 from .. import report
 from ..fileio import atomic_write_text, read_jsonl
 from ..runfolder import LOG
-from .map_report import PROTOCOLS, epoch_passes, map_section
+from .map_report import NETWORKS, PROTOCOLS, epoch_passes, evaluation_under, map_section
 
 PAPER_CSV = Path(__file__).parent / "paper_results.csv"
 PAPER_NAMES = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "ResNet20": "resnet20", "ResNet56": "resnet56",
@@ -170,8 +170,7 @@ def _finetune_cost(run: dict[str, Any]) -> float:
     """A fine-tune's training cost in passes over the training set (epochs x forward-backward passes a
     step; VI 1, free AS 2, AS N + 2): hardware-independent, and the pretraining every fine-tune shares
     left out. The deterministic start costs 0 beyond that, a deep ensemble its other members' training."""
-    method = run["exp"].columns["method"]
-    if method in ("deterministic", "ensemble"):
+    if run["exp"].columns["method"] in NETWORKS:
         return (run["exp"].columns.get("members", 1) - 1) * epoch_passes(run["eval"]["config"])
     return epoch_passes(run["eval"]["config"])
 
@@ -186,14 +185,6 @@ def _finetune_label(run: dict[str, Any]) -> str:
     if method == "vi-longer":
         return f"VI, {columns['epochs']} epochs"
     return f"{FINETUNE_LABELS[method]}, {run['eval']['config']['epochs']} epochs"
-
-
-def _under(run: dict[str, Any], protocol: str) -> dict[str, Any] | None:
-    """A run's evaluation under `protocol`; deterministic networks and their ensembles keep their own
-    BatchNorm statistics (nothing is sampled), so their one evaluation stands under both."""
-    if run["eval"]["config"]["method"] == "deterministic":
-        return run["evals"]["running"]
-    return run["evals"].get(protocol)
 
 
 def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
@@ -213,13 +204,13 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
     for label, group in ordered:
         row: list[Any] = [label, len(group), f"{_finetune_cost(group[0]):g}"]
         for protocol in protocols:
-            evals = [e for e in (_under(r, protocol) for r in group) if e is not None]
+            evals = [e for e in (evaluation_under(r, protocol) for r in group) if e is not None]
             ood = [by["total"]["auroc"] for e in evals for by in e.get("ood", {}).values()]
             row += [report.mean_std([100 * e["sampled"]["lowest"] for e in evals]),
                     report.mean_std([100 * e["ensemble"]["accuracy"] for e in evals]),
                     report.mean_std([e["ensemble"]["nll"] for e in evals], digits=3),
                     report.mean_std([100 * a for a in ood]) if ood else "–"]
-        beyond = start_seconds if group[0]["exp"].columns["method"] in ("deterministic", "ensemble") else 0.0
+        beyond = start_seconds if group[0]["exp"].columns["method"] in NETWORKS else 0.0
         row.append(f"{_train_seconds(group) - beyond:.0f}")
         rows.append(row)
     headers = ["fine-tune", "seeds", "cost (passes over the data)"]
@@ -232,7 +223,7 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
              "training set, and train s, the training time on the machine in the Runs table: the deterministic "
              "pretraining all fine-tunes share is left out of both. VI fine-tuned longer has seed 0 only; the other "
              "rows are means over their seeds."]
-    if any(r["eval"]["config"]["method"] == "deterministic" for r in runs):
+    if any(r["exp"].columns["method"] in NETWORKS for r in runs):
         lines[-1] += (" The deterministic start and its deep ensembles (deterministic networks of the same "
                       "recipe and other seeds; a deep ensemble costs its other members' training) are evaluated "
                       "once, with their own BatchNorm statistics, and stand under both protocols; their lowest "
@@ -245,7 +236,8 @@ def _equal_compute_finetune(runs: list[dict], plots: Path) -> list[str]:
             longer: tuple[list[float], list[float]] = ([], [])
             ensembles: tuple[list[float], list[float]] = ([], [])
             for label, group in ordered:
-                values = [e[metric[0]][metric[1]] for e in (_under(r, protocol) for r in group) if e is not None]
+                values = [e[metric[0]][metric[1]] for e in (evaluation_under(r, protocol) for r in group)
+                          if e is not None]
                 if not values:
                     continue
                 # VI at the scale's epochs starts both lines: VI, free AS, AS and VI trained longer
@@ -305,8 +297,9 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
         "Everything not named follows the paper's recipe (Adam lr 0.01, batch 100, N = 5, alpha = 0.02, "
         "lambda = 0.8, prior sigma 0.15, KL weight 1 / (100 N_train)); AS keeps BatchNorm running statistics "
         "out of the N + 1 adversarial passes (BN freeze)"
-        + (f". Variants: *init ours* starts sigma at {' / '.join(f'{v:g}' for v in ours)}, *init authors* at exp(0.15) = 1.16 as the authors' "
-           "code; *BN update* lets every adversarial pass update the running statistics, as the authors' code."
+        + (f". Variants: *init ours* starts sigma at {' / '.join(f'{v:g}' for v in ours)}, *init authors* at "
+           "exp(0.15) = 1.16 as the authors' code; *BN update* lets every adversarial pass update the running "
+           "statistics, as the authors' code."
            if paper_tables else "."),
     ]
     t1 = [r for r in runs if "table1" in r["exp"].tables]
