@@ -477,3 +477,29 @@ def test_rank_correlation_orders_like_spearman():
     assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
     assert np.isnan(rank_correlation([1, 2], [2, 1]))
+
+
+def test_table1_from_scratch_with_free_as_under_both_protocols(shared_data, tmp_path, monkeypatch):
+    """`mid-scratch` plans Table 1 on CIFAR-10 (VI and free AS, the paper's recipe over 10 epochs) evaluated
+    as `mid`; Table 1 then reports both BatchNorm protocols. Scales without a second protocol keep their keys."""
+    scratch = plan(["table1"], "mid-scratch")
+    assert [e.name for e in scratch] == ["cifar10-resnet20-vi-initours-s0", "cifar10-resnet20-freeas-bnfreeze-initours-s0",
+                                         "cifar10-resnet20-vi-initours-s1", "cifar10-resnet20-freeas-bnfreeze-initours-s1"]
+    assert all(e.protocols == ("running", "recalibrated") and e.ood == ("tiny-imagenet-val",) for e in scratch)
+    config = make_config(overrides=scratch[1].overrides)
+    assert (config.epochs, config.lr, config.lr_milestones, config.as_variant) == (10, 0.01, [4, 7, 9], "free")
+
+    smoke = SCALES["smoke"]
+    free = reproduce_module.Variant("as", free=True)
+    monkeypatch.setitem(SCALES, "smoke", dataclasses.replace(smoke, variants=(reproduce_module.OURS_VI, free),
+                                                             protocols=("running", "recalibrated")))
+    text = reproduce(["table1"], "smoke", tmp_path, data_root=str(shared_data), progress=False).read_text()
+    section = text.split("## Table 1")[1].split("\n## ")[0]
+    assert "### Both BatchNorm protocols" in section
+    rows = [line for line in section.split("### Both BatchNorm protocols")[1].splitlines() if line.startswith("| ")]
+    assert [[cell.strip() for cell in row.split("|")[1:3]] for row in rows[2:]] == [
+        [label, protocol] for label in (reproduce_module.OURS_VI.label, free.label)
+        for protocol in ("running", "recalibrated")]
+    recal = json.loads((run_dir(tmp_path, plan(["table1"], "smoke")[1]) / "run" / "eval-recalibrated" /
+                        "eval.json").read_text())
+    assert recal["config"]["as_variant"] == "free"

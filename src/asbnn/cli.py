@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table1 table2 table3 lambda curves cheap, all (those six), or map (the regime map)")
     p.add_argument("--scale", default="cpu",
                    help="smoke, cpu, mid (CIFAR-10 Table 2 on a CPU), mid-long (mid from a 100-epoch start), "
-                        "mid-narrow (mid's fine-tunes at initial sigma 0.01) or full")
+                        "mid-narrow (mid's fine-tunes at initial sigma 0.01), mid-scratch (CIFAR-10 Table 1 on a CPU) "
+                        "or full")
     p.add_argument("--seeds", type=count, help="number of seeds (default: the scale's)")
     p.add_argument("--out", type=folder, default="runs/reproduce", help="results folder, shared by all workers")
     p.add_argument("--data-root", type=existing_folder)

@@ -307,6 +307,9 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
         lines += ["", "## Table 1: trained from scratch, 100 sampled models", "",
                   _accuracy_table(t1, "1", paper, METRICS), "",
                   "### The gain of AS over VI, ours beside the paper's", "", _gain_table(t1, "1", paper, METRICS)]
+        if any("recalibrated" in r["evals"] for r in t1):
+            lines += ["", "### Both BatchNorm protocols, with calibration and OOD detection", "",
+                      _protocol_table(t1)]
     t2 = [r for r in runs if "table2" in r["exp"].tables]
     if "table2" in wanted and t2:
         start_keys = {r["exp"].init_from.key for r in t2}
