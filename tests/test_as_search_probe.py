@@ -11,11 +11,11 @@ from asbnn.train import train
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "as_search_probe.py"
 
 
-def load_probe():
+def load_script():
     spec = importlib.util.spec_from_file_location("as_search_probe", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.probe
+    return module
 
 
 def test_the_search_raises_the_loss_more_the_wider_the_posterior(shared_data, tmp_path):
@@ -23,16 +23,30 @@ def test_the_search_raises_the_loss_more_the_wider_the_posterior(shared_data, tm
              "data_root": str(shared_data)}
     start = train(make_config(overrides={**small, "method": "deterministic", "epochs": 2}), tmp_path / "det",
                   progress=False)
-    probe = load_probe()
+    script = load_script()
     results = {}
     for sigma in (1e-4, 0.05):
         config = tmp_path / f"finetune-{sigma:g}.yaml"
         save_yaml(make_config(overrides={**small, "method": "as", "init_from": str(start), "init_sigma": sigma}),
                   config)
-        results[sigma] = probe(str(config), None, 2)
+        results[sigma] = script.probe(*script.posterior_of(str(config), None), 2)
     narrow, wide = results[1e-4], results[0.05]
     assert narrow["loss_mean"] == pytest.approx(wide["loss_mean"])  # the same start, the same batches
     assert narrow["loss_regular"] == pytest.approx(narrow["loss_mean"], abs=1e-2)  # sigma ~ 0: a draw is mu
     assert wide["loss_adversarial"] > wide["loss_regular"] > wide["loss_mean"]
     assert wide["loss_adversarial"] - wide["loss_regular"] > narrow["loss_adversarial"] - narrow["loss_regular"]
     assert all(0 <= r[f"acc_{at}"] <= 1 for r in results.values() for at in ("mean", "regular", "adversarial"))
+
+
+def test_a_trained_run_is_probed_at_its_posterior_and_a_deterministic_one_refused(shared_data, tmp_path):
+    small = {"dataset": "fashion-mnist", "model": "lenet5", "train_subset": 400, "test_subset": 200,
+             "data_root": str(shared_data), "epochs": 1}
+    script = load_script()
+    run = train(make_config(overrides={**small, "method": "vi"}), tmp_path / "vi", progress=False)
+    net, cfg = script.posterior_of(str(run), None)
+    assert cfg.method == "vi" and net.sigma().mean().item() > 0
+    result = script.probe(net, cfg, 2)
+    assert result["loss_adversarial"] > result["loss_regular"]
+    det = train(make_config(overrides={**small, "method": "deterministic"}), tmp_path / "det", progress=False)
+    with pytest.raises(SystemExit, match="holds no posterior"):
+        script.posterior_of(str(det), None)
