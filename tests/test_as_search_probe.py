@@ -1,6 +1,7 @@
 """benchmarks/as_search_probe.py: the loss at AS's adversarial sample where a fine-tune starts."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,27 @@ def test_a_trained_run_is_probed_at_its_posterior_and_a_deterministic_one_refuse
     det = train(make_config(overrides={**small, "method": "deterministic"}), tmp_path / "det", progress=False)
     with pytest.raises(SystemExit, match="holds no posterior"):
         script.posterior_of(str(det), None)
+
+
+def test_search_cost_is_set_beside_the_gain_cell_by_cell(tmp_path):
+    spec = importlib.util.spec_from_file_location("as_search_vs_gain", SCRIPT.with_name("as_search_vs_gain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    probe_output = tmp_path / "probe.txt"
+    probe_output.write_text("header\n" + "".join(
+        f"map-x-{cell}-vi-s{seed}-{seed:012d} | trained | 0.05 | 5 x 0.02 | 0.3 / 0.3 / 0.5 | 90.0 / {regular} / "
+        f"{adversarial}\n" for cell, seed, regular, adversarial in
+        (("a", 0, 88.0, 80.0), ("a", 1, 86.0, 82.0), ("b", 0, 80.0, 60.0))))
+    assert module.drops(probe_output) == {"map-x-a": [8.0, 4.0], "map-x-b": [20.0]}
+    for cell, method, seed, lowest, ensemble in (("a", "vi", 0, 0.5, 0.8), ("a", "as", 0, 0.7, 0.7),
+                                                  ("a", "vi", 1, 0.5, 0.8), ("a", "as", 1, 0.6, 0.9),
+                                                  ("b", "as", 0, 0.1, 0.1)):  # b has no VI: no gain
+        for folder in ("eval", "eval-recalibrated"):
+            path = tmp_path / "map" / "runs" / f"map-x-{cell}-{method}-s{seed}-{seed:012d}" / "run" / folder
+            path.mkdir(parents=True)
+            (path / "eval.json").write_text(json.dumps({"sampled": {"lowest": lowest},
+                                                        "ensemble": {"accuracy": ensemble}}))
+    gains = module.gains(tmp_path / "map")
+    assert set(gains) == {"map-x-a"}
+    assert gains["map-x-a"]["lowest recalibrated"] == pytest.approx(15.0)  # (20 + 10) / 2 points
+    assert gains["map-x-a"]["ensemble recalibrated"] == pytest.approx(0.0)  # (-10 + 10) / 2
