@@ -241,8 +241,8 @@ MID_NARROW = dataclasses.replace(
     + "; seed 0's VI fine-tuned 21 and 6 epochs too (AS's and free AS's passes)")
 
 #: Table 1 (from scratch) on CIFAR-10 at CPU scale: the paper's recipe (Adam lr 0.01, lr / 10 at 40 / 70 / 90 %)
-#: over 10 epochs instead of 200; VI against free AS only (2 passes a step: standard AS, 7, would take a
-#: core-day a seed here), evaluated as `mid`
+#: over 10 epochs instead of 200; VI against free AS only (2 passes a step: standard AS, 7, would take about
+#: 4 core-hours a seed here, 20-30 minutes an epoch), evaluated as `mid`
 MID_SCRATCH = Scale(
     pairs=(("cifar10", "resnet20"),),
     base=dict(epochs=10, lr_milestones=_milestones(10), test_subset=2000, amp=True),
