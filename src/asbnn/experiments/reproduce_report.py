@@ -163,6 +163,13 @@ def _protocol_table(runs: list[dict]) -> str:
                                   "ensemble", "ens. NLL", "ECE", "OOD AUROC"], rows)
 
 
+def _protocols_section(runs: list[dict]) -> list[str]:
+    """The report's lines for `_protocol_table`, where any of `runs` was evaluated recalibrated too."""
+    if not any("recalibrated" in r["evals"] for r in runs):
+        return []
+    return ["", "### Both BatchNorm protocols, with calibration and OOD detection", "", _protocol_table(runs)]
+
+
 FINETUNE_LABELS = {"vi": "VI", "free": "free AS", "as": "AS"}
 
 
@@ -307,9 +314,7 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
         lines += ["", "## Table 1: trained from scratch, 100 sampled models", "",
                   _accuracy_table(t1, "1", paper, METRICS), "",
                   "### The gain of AS over VI, ours beside the paper's", "", _gain_table(t1, "1", paper, METRICS)]
-        if any("recalibrated" in r["evals"] for r in t1):
-            lines += ["", "### Both BatchNorm protocols, with calibration and OOD detection", "",
-                      _protocol_table(t1)]
+        lines += _protocols_section(t1)
     t2 = [r for r in runs if "table2" in r["exp"].tables]
     if "table2" in wanted and t2:
         start_keys = {r["exp"].init_from.key for r in t2}
@@ -321,9 +326,7 @@ def write_report(out: Path, wanted: set[str], scale: str, notes: dict[str, str],
                   _accuracy_table(t2, "2", paper, METRICS), "",
                   f"Deterministic starting points: {report.mean_std(_values(dets, 'ensemble'))} % test accuracy"
                   f"{whole_text}.", "", _gain_table(t2, "2", paper, METRICS)]
-        if any("recalibrated" in r["evals"] for r in t2):
-            lines += ["", "### Both BatchNorm protocols, with calibration and OOD detection", "",
-                      _protocol_table(t2)]
+        lines += _protocols_section(t2)
         whole = [r for r in runs if "table2-all-test" in r["exp"].tables]
         if whole:
             images = sorted({r["eval"]["num_inputs"] for r in whole})
