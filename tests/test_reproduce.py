@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -489,6 +490,9 @@ def test_table1_from_scratch_with_free_as_under_both_protocols(shared_data, tmp_
     assert all(e.protocols == ("running", "recalibrated") and e.ood == ("tiny-imagenet-val",) for e in scratch)
     config = make_config(overrides=scratch[1].overrides)
     assert (config.epochs, config.lr, config.lr_milestones, config.as_variant) == (10, 0.01, [4, 7, 9], "free")
+    published = Path(__file__).resolve().parents[1] / "docs" / "results" / "cpu" / "runs"
+    cpu = plan(["table1"], "cpu")  # one protocol, no OOD set: the runs the published cpu study made
+    assert len(cpu) == 18 and all((published / f"{e.name}-{e.key}").is_dir() for e in cpu)
 
     smoke = SCALES["smoke"]
     free = reproduce_module.Variant("as", free=True)
