@@ -16,7 +16,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 #: study folder -> the `asbnn reproduce` call that made it (the command in its README)
 PUBLISHED = {"cpu": (["all"], "cpu", 3), "map": (["map"], "cpu", 3), "mid": (["table2"], "mid", 2),
-             "mid-narrow": (["table2"], "mid-narrow", 1), "mid-long": (["table2"], "mid-long", 2)}
+             "mid-narrow": (["table2"], "mid-narrow", 2), "mid-long": (["table2"], "mid-long", 2)}
 
 
 def _tables(report: Path) -> list[str]:
