@@ -12,8 +12,8 @@ from asbnn.train import train
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "as_search_probe.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("as_search_probe", SCRIPT)
+def load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -54,9 +54,7 @@ def test_a_trained_run_is_probed_at_its_posterior_and_a_deterministic_one_refuse
 
 
 def test_search_cost_is_set_beside_the_gain_cell_by_cell(tmp_path):
-    spec = importlib.util.spec_from_file_location("as_search_vs_gain", SCRIPT.with_name("as_search_vs_gain.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(SCRIPT.with_name("as_search_vs_gain.py"))
     probe_output = tmp_path / "probe.txt"
     probe_output.write_text("header\n" + "".join(
         f"map-x-{cell}-vi-s{seed}-{seed:012d} | trained | 0.05 | 5 x 0.02 | 0.3 / 0.3 / 0.5 | 90.0 / {regular} / "
